@@ -1,0 +1,1 @@
+"""Lowering of lieq-export quantized models to deployment formats (installed as lieq_export.backends)."""
