@@ -78,14 +78,15 @@ def gptq_quantize_weight(
         raise QuantizationError(f"Hessian shape {tuple(H.shape)} does not match in_features {cols}")
     n_groups = cols // group_size
     W = weight.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().to(W.device).clone()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    scales = torch.empty(rows, n_groups)
-    zeros = None if symmetric else torch.empty(rows, n_groups)
+    dev = W.device
+    scales = torch.empty(rows, n_groups, device=dev)
+    zeros = None if symmetric else torch.empty(rows, n_groups, device=dev)
     if act_order:
         # static groups: grids from the original columns, before the permuted loop
         for g in range(n_groups):
@@ -97,10 +98,11 @@ def gptq_quantize_weight(
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(cols)
+        perm = torch.arange(cols, device=dev)
 
     Hinv = _inverse_cholesky(H, percdamp)
-    codes = torch.zeros(rows, cols)
+    col_group = [c // group_size for c in perm.tolist()]
+    codes = torch.zeros(rows, cols, device=dev)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -109,7 +111,7 @@ def gptq_quantize_weight(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(perm[col]) // group_size
+            g = col_group[col]
             if not act_order and col % group_size == 0:
                 # the group as GPTQ has updated it so far: in-block part from W1, rest from W
                 cur = W1[:, i : i + group_size]
@@ -146,7 +148,7 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)⁻¹; damping grows tenfold if H is not positive definite."""
     mean_diag = torch.mean(torch.diag(H)).item()
     damp = percdamp * mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(H.shape[0])
+    eye = torch.eye(H.shape[0], device=H.device)
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -162,11 +164,14 @@ class _Hessian:
     """Running H = 2/n Σ X Xᵀ over calibration windows, fed by a forward hook."""
 
     def __init__(self, cols: int):
-        self.H = torch.zeros(cols, cols)
+        self.cols = cols
+        self.H = None
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.H is None:
+            self.H = torch.zeros(self.cols, self.cols, device=x.device)
         # one sample per window, as the reference counts; the scale cancels against damping
         k = 1
         self.H *= self.n / (self.n + k)
