@@ -44,6 +44,11 @@ MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "plan.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 DEFAULT_MAX_LENGTH = 2048
+# onnxruntime's DQ->MatMul fusion makes MatMulNBits with accuracy_level 4 (int8 activations)
+# unless told otherwise; on SmolLM2 that moves logits by 7 % (8-bit weights) to 50 % (2-bit)
+# relative to the reference. Bundles ask for float32 compute (1); generate/bench can override.
+ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+DEFAULT_ACCURACY_LEVEL = 1
 # storage container per grid width: ONNX has INT2, INT4, INT8 but no INT3
 CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
 
@@ -522,7 +527,7 @@ def _write_model(model, tensors: list[_Tensor], folder: Path, external: bool) ->
 # ---------------------------------------------------------------------------
 
 
-def _genai_config(model, layout, tokenizer, max_length: int) -> dict:
+def _genai_config(model, layout, tokenizer, max_length: int, accuracy_level: int) -> dict:
     cfg = model.config
     bos = getattr(cfg, "bos_token_id", None)
     eos = getattr(cfg, "eos_token_id", None)
@@ -540,7 +545,11 @@ def _genai_config(model, layout, tokenizer, max_length: int) -> dict:
             "bos_token_id": bos,
             "context_length": max_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [],
+                    ACCURACY_LEVEL_KEY: str(int(accuracy_level)),
+                },
                 "filename": MODEL_FILE,
                 "head_size": layout.head_dim,
                 "hidden_size": layout.hidden_size,
@@ -622,6 +631,7 @@ def export_onnx(
     max_length: int | None = None,
     external_data: bool | None = None,
     overwrite: bool = True,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
 ) -> dict:
     """Write an onnxruntime(-genai) bundle folder at `out`; return its manifest.
 
@@ -659,7 +669,7 @@ def export_onnx(
         if tokenizer is not None:
             tok_files = tokenizer.save_pretrained(str(tmp))
             files += sorted({Path(f).name for f in tok_files if Path(f).exists()})
-        genai = _genai_config(model, layout, tokenizer, max_length)
+        genai = _genai_config(model, layout, tokenizer, max_length, accuracy_level)
         (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n")
         files.append(GENAI_CONFIG_FILE)
         if plan is not None:
@@ -708,6 +718,7 @@ def _manifest(model, layout, info: ExportInfo, plan, folder: Path, files, genai,
         "pad_token_id": m["pad_token_id"],
         "max_length": m["context_length"],
         "num_layers": layout.num_layers,
+        "accuracy_level": int(genai["model"]["decoder"]["session_options"][ACCURACY_LEVEL_KEY]),
         "layers": per_layer,
         "tensors": tensors,
         "quantized_linears": quantized_linears,
@@ -743,7 +754,7 @@ def session_options(accuracy_level: int | None = None, threads: int | None = Non
     if accuracy_level is not None:
         # accuracy level of the MatMulNBits nodes the DQ->MatMul fusion creates:
         # 0/1 = float32 compute, 4 = int8 activations (faster, slightly less exact)
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int(accuracy_level)))
+        so.add_session_config_entry(ACCURACY_LEVEL_KEY, str(int(accuracy_level)))
     if threads:
         so.intra_op_num_threads = int(threads)
     if optimized_path is not None:
@@ -769,6 +780,9 @@ class OnnxDecoder:
         if not path.is_file():
             raise OnnxExportError(f"{bundle} has no {MODEL_FILE}")
         self.manifest = load_manifest(bundle) if (self.bundle / MANIFEST_FILE).is_file() else None
+        if accuracy_level is None and self.manifest is not None:
+            accuracy_level = self.manifest.get("accuracy_level")  # what the bundle asks for
+        self.accuracy_level = accuracy_level
         self.session = ort.InferenceSession(
             str(path), session_options(accuracy_level, threads, optimized_path), providers=["CPUExecutionProvider"]
         )
@@ -835,6 +849,20 @@ def generate(bundle, prompt: str, max_new_tokens: int = 64, chat: bool = False, 
     new = dec.greedy(ids, max_new_tokens, eos_token_id=eos,
                      on_token=(lambda t: stream(tok.decode([t]))) if stream else None)
     return tok.decode(new, skip_special_tokens=True)
+
+
+def genai_greedy(bundle, prompt_ids, max_new_tokens: int) -> list[int]:
+    """Greedy continuation with onnxruntime-genai reading the bundle's genai_config.json."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(prompt_ids))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(prompt_ids):]
 
 
 def count_fused(optimized_model_path) -> dict:
