@@ -53,7 +53,7 @@ DEFAULT_ACCURACY_LEVEL = 1
 CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(ValueError):  # the CLI reports ValueError/OSError as clean errors
     pass
 
 
@@ -813,16 +813,21 @@ class OnnxDecoder:
         lg, _ = self.step(ids, np.ones_like(ids), self.empty_cache())
         return lg[0]
 
-    def greedy(self, prompt_ids, max_new_tokens: int, eos_token_id=None, on_token=None) -> list[int]:
+    def greedy(self, prompt_ids, max_new_tokens: int, eos_token_id=None, on_token=None, top_p=None,
+               temperature: float = 1.0, seed=None) -> list[int]:
+        """Continue `prompt_ids`: greedy, or nucleus sampling when top_p is given."""
         ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise OnnxExportError("the prompt has no tokens")
         mask = np.ones_like(ids)
         cache = self.empty_cache()
         eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+        rng = np.random.default_rng(seed)
         out = []
         cur = ids
         for _ in range(max_new_tokens):
             lg, cache = self.step(cur, mask, cache)
-            nxt = int(np.argmax(lg[0, -1]))
+            nxt = _pick(lg[0, -1], top_p, temperature, rng)
             out.append(nxt)
             if on_token:
                 on_token(nxt)
@@ -833,22 +838,48 @@ class OnnxDecoder:
         return out
 
 
+def _pick(logits: np.ndarray, top_p, temperature: float, rng) -> int:
+    if top_p is None:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / max(float(temperature), 1e-6)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+    q = p[keep] / p[keep].sum()
+    return int(rng.choice(keep, p=q))
+
+
 def generate(bundle, prompt: str, max_new_tokens: int = 64, chat: bool = False, accuracy_level: int | None = None,
-             stream=None) -> str:
-    """Greedy text continuation of `prompt` with the bundle's model and tokenizer."""
+             top_p=None, temperature: float = 1.0, seed=None, use_genai: bool = False) -> str:
+    """Text continuation of `prompt` with the bundle's model and tokenizer (greedy unless top_p)."""
     from transformers import AutoTokenizer
 
-    dec = OnnxDecoder(bundle, accuracy_level=accuracy_level)
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
     tok = AutoTokenizer.from_pretrained(str(bundle))
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
-    eos = dec.manifest.get("eos_token_id") if dec.manifest else tok.eos_token_id
-    new = dec.greedy(ids, max_new_tokens, eos_token_id=eos,
-                     on_token=(lambda t: stream(tok.decode([t]))) if stream else None)
+    room = manifest["max_length"] - len(ids)
+    if room <= 0:
+        raise OnnxExportError(f"the prompt has {len(ids)} tokens; the bundle's max length is {manifest['max_length']}")
+    n = min(max_new_tokens, room)
+    if use_genai:
+        if top_p is not None:
+            raise OnnxExportError("--genai runs greedy search only (the bundle's genai_config); drop --top-p")
+        new = genai_greedy(bundle, ids, n)
+    else:
+        dec = OnnxDecoder(bundle, accuracy_level=accuracy_level)
+        new = dec.greedy(ids, n, eos_token_id=manifest.get("eos_token_id"), top_p=top_p,
+                         temperature=temperature, seed=seed)
     return tok.decode(new, skip_special_tokens=True)
+
+
+def is_bundle(path) -> bool:
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / MANIFEST_FILE).is_file()
 
 
 def genai_greedy(bundle, prompt_ids, max_new_tokens: int) -> list[int]:

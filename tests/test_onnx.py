@@ -38,8 +38,14 @@ def _tokenizer():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
+    from tokenizers import pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(256)}
+    vocab.update({"<s>": 1, "</s>": 2})
+    del vocab["t1"], vocab["t2"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="<s>", eos_token="</s>")
 
 
 def rel_err_per_position(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -229,3 +235,26 @@ def test_smollm2_mixed_plan(smollm2, tmp_path):
     assert two_bit_on_disk(bundle, layout, plan) == [2.0] * n2
     assert manifest["max_length"] == model.config.max_position_embeddings
     assert manifest["eos_token_id"] == tok.eos_token_id
+
+
+def test_cli_export_and_generate(tmp_path, capsys):
+    from lieq_export.cli import main
+    from lieq_export.quantize import save_checkpoint
+
+    model, data = trained_tiny("llama", 64, layers=2, steps=20)
+    plan = BitPlan((2, 4), 32, embed_bits=8, lm_head_bits=8)
+    qw = quantize_model(model, plan, progress=False)
+    save_checkpoint(tmp_path / "ckpt", model, _tokenizer(), plan, qw)
+    assert main(["export", str(tmp_path / "ckpt"), "--target", "onnx", "--out", str(tmp_path / "b")]) == 0
+    assert "storage bits per layer 2 4" in capsys.readouterr().out
+    ref = fake_quantize(model, qw)
+    prompt = [t for t in data[0, :8].tolist() if t > 2][:6]
+    want = " ".join(f"t{t}" for t in torch_greedy(ref, prompt, 5) if t > 2)
+    text = " ".join(f"t{t}" for t in prompt)
+    assert main(["generate", str(tmp_path / "b"), "--prompt", text, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    assert main(["generate", str(tmp_path / "b"), "--prompt", text, "--max-new-tokens", "5", "--genai"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    # a missing checkpoint is a clean error, not a traceback
+    assert main(["export", str(tmp_path / "nope"), "--target", "onnx", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
