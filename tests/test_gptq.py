@@ -156,8 +156,11 @@ def test_model_mixed_plan_covers_every_tensor(arch):
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("act_order,margin", [(False, 0.9), (True, 0.8)])
 def test_model_gptq_lower_kl_than_rtn(arch, bits, act_order, margin):
-    # On this toy the default (dynamic-group) GPTQ gains 12-50% KL over RTN depending on
-    # the calibration draw; act-order with static groups gains 25-50%.
+    # Held out = windows of the pattern the model learned (its own distribution), calibrated
+    # on random tokens. On this toy the default (dynamic-group) GPTQ gains 12-50% KL over
+    # RTN depending on the calibration draw; act-order with static groups 25-50%. Held-out
+    # *random* tokens are a poor yardstick here: at 3 bits their KL is ~0.003 and the
+    # ratio swings from 0.6 to 1.7 between variants.
     model = trained(arch)
     calib = torch.randint(0, VOCAB, (32, 64), generator=torch.Generator().manual_seed(5))
     held_out = pattern(8, 64, 20_000)
