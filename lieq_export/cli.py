@@ -41,6 +41,251 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_text_args(p: argparse.ArgumentParser, calib: int, evals: int) -> None:
+    p.add_argument("--text", default="pydoc",
+                   help="pydoc (built in, offline), wikitext2, c4, a .txt file or a folder of .txt files")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--calib", type=int, default=calib, help=f"calibration windows (default {calib})")
+    p.add_argument("--eval-windows", type=int, default=evals, help=f"held-out evaluation windows (default {evals})")
+
+
+def _windows(args, tokenizer):
+    from .text import load_windows
+
+    return load_windows(tokenizer, args.text, args.calib, args.eval_windows, args.seq_len)
+
+
+def cmd_score(args) -> int:
+    from .models import load_model
+    from .scoring import ALL_PROJECTIONS, QKV, ScoreConfig, delta_ppl, save_scores, score_layers, spearman
+
+    cfg = ScoreConfig(
+        projections=QKV if args.projections == "qkv" else ALL_PROJECTIONS,
+        baseline=args.baseline, seed=args.seed, top_k=args.top_k, normalize_rows=args.normalize_rows,
+    )
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    calib, _ = _windows(args, tok)
+    scores = score_layers(model, calib, cfg)
+    if args.delta_ppl:
+        scores["delta_ppl"] = delta_ppl(model, calib)
+        scores["spearman_delta_ppl"] = spearman(scores["scores"], scores["delta_ppl"]["scores"])
+    save_scores(args.out, scores)
+    dp = scores.get("delta_ppl", {}).get("scores")
+    print(f"{'layer':>5} {'Δr':>9} {'ΔE_top' + str(cfg.top_k):>10}" + (f" {'ΔPPL':>9}" if dp else ""))
+    for l in scores["layers"]:
+        print(f"{l['index']:>5} {l['delta_r']:>9.4f} {l['energy_gain']:>10.4f}" + (f" {dp[l['index']]:>9.3f}" if dp else ""))
+    print(f"scored {len(scores['layers'])} layers on {calib.numel():,} tokens in {scores['seconds']:.1f} s")
+    if dp:
+        print(f"ΔPPL probing: {scores['delta_ppl']['seconds']:.1f} s "
+              f"({scores['delta_ppl']['seconds'] / scores['seconds']:.1f}x the score); "
+              f"Spearman ρ(Δr, ΔPPL) = {scores['spearman_delta_ppl']:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import warnings
+
+    from .allocate import STORED_WIDTHS, TARGET_WIDTHS, allocate, baseline_scores, parse_pins, uniform_bits
+    from .models import layout_from_dict
+    from .plan import BitPlan, default_group_size
+    from .scoring import load_scores
+
+    scores = load_scores(args.scores)
+    layout = layout_from_dict(scores["layout"])
+    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else TARGET_WIDTHS[args.target]
+    if args.target in STORED_WIDTHS:
+        widened = sorted(set(widths) - set(STORED_WIDTHS[args.target]))
+        if widened:
+            warnings.warn(f"{args.target} stores no {widened}-bit weights: those layers take "
+                          f"{'4' if args.target == 'pte' else '4 (INT4)'} bits on disk", stacklevel=1)
+    if args.allocator == "uniform":
+        bits = uniform_bits(layout.num_layers, widths, args.avg_bits)
+    else:
+        vec = baseline_scores(args.allocator, scores["scores"], scores.get("delta_ppl", {}).get("scores"),
+                              layout.num_layers, args.seed)
+        bits = allocate(vec, [l.params for l in layout.layers], widths, args.avg_bits, parse_pins(args.pin))
+    symmetric = args.symmetric if args.symmetric is not None else args.target == "pte"
+    plan = BitPlan(bits, args.group_size or default_group_size(layout), symmetric=symmetric, method=args.method,
+                   embed_bits=None if args.embed_bits == 0 else args.embed_bits,
+                   lm_head_bits=None if args.lm_head_bits == 0 else args.lm_head_bits,
+                   allocator=args.allocator, budget=args.avg_bits)
+    plan.save(args.out, layout)
+    acc = plan.accounting(layout)
+    print("layer bits: " + " ".join(str(b) for b in plan.layer_bits))
+    print(f"average grid bits {acc['avg_grid_bits']:.4f} (budget {args.avg_bits}); storage bits "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc["storage_bits"].items()))
+    print("predicted bytes " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in acc["predicted_bytes"].items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _quantized_reference(args, model, calib):
+    """(plan, qweights, reference) from --plan, or from --checkpoint without requantizing."""
+    from .plan import BitPlan
+    from .quantize import fake_quantize, load_checkpoint, quantize_model
+
+    if args.checkpoint:
+        ref, _, plan, qweights = load_checkpoint(args.checkpoint)
+        return plan, qweights, ref
+    plan = BitPlan.load(args.plan)
+    if getattr(args, "method", None):
+        from dataclasses import replace
+
+        plan = replace(plan, method=args.method)
+    qweights = quantize_model(model, plan, calib=calib)
+    return plan, qweights, fake_quantize(model, qweights)
+
+
+def cmd_quantize(args) -> int:
+    from .models import load_model
+    from .quantize import save_checkpoint
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    calib, _ = _windows(args, tok)
+    plan, qweights, _ = _quantized_reference(args, model, calib)
+    save_checkpoint(args.out, model, tok, plan, qweights)
+    print(f"wrote {args.out} ({plan.method}, {len(qweights)} quantized tensors)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import compare, perplexity
+    from .io import atomic_write_text
+    from .models import describe, load_model
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    calib, evals = _windows(args, tok)
+    plan, _, ref = _quantized_reference(args, model, calib)
+    result = {"float_ppl": perplexity(model, evals), **compare(ref, model, evals),
+              "plan": plan.to_dict(describe(model)), "eval_tokens": evals.numel()}
+    print(f"float PPL {result['float_ppl']:.3f}")
+    print(f"quantized PPL {result['ppl']:.3f}  KL {result['kl']:.4f}  top-1 {result['top1']:.4f}  "
+          f"({result['plan']['accounting']['avg_grid_bits']:.3f} avg bits, {evals.numel():,} held-out tokens)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _add_core(sub) -> None:
+    p = sub.add_parser("score", help="LieQ geometry scores of every decoder layer (optionally ΔPPL probing)")
+    _add_model_args(p)
+    _add_text_args(p, calib=4, evals=0)
+    p.add_argument("--projections", choices=("qkv", "all"), default="qkv", help="qkv (default) or all seven")
+    p.add_argument("--baseline", choices=("random_proj", "random_model"), default="random_proj",
+                   help="random-init projection on the trained states (default), or a random model on its own states")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=8, help="k of the top-k energy diagnostic")
+    p.add_argument("--normalize-rows", action="store_true", help="mean-centre and L2-normalize token rows first")
+    p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
+    p.add_argument("--out", default="scores.json")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plan", help="allocate one bit width per layer under an average-bit budget")
+    p.add_argument("scores", help="scores JSON from `lieq-export score`")
+    p.add_argument("--avg-bits", type=float, required=True, help="average bits per decoder-linear weight (a cap)")
+    p.add_argument("--widths", default=None, help="comma-separated widths, e.g. 2,4 or 2,3,4 (default by --target)")
+    p.add_argument("--target", choices=("pte", "onnx"), default=None,
+                   help="pte: widths 4,8 and symmetric (XNNPACK); onnx: widths 2,4,8")
+    p.add_argument("--allocator", choices=("lieq", "random", "reversed", "oracle", "uniform"), default="lieq")
+    p.add_argument("--seed", type=int, default=0, help="for --allocator random")
+    p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's width")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
+    p.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="base quantizer")
+    p.add_argument("--embed-bits", type=int, default=8, help="4, 8, or 0 for float")
+    p.add_argument("--lm-head-bits", type=int, default=8, help="4, 8, or 0 for float")
+    p.add_argument("--out", default="plan.json")
+    p.set_defaults(func=cmd_plan)
+
+    for name, fn, text in (("quantize", cmd_quantize, "quantize a model by a plan into a checkpoint"),
+                           ("eval", cmd_eval, "perplexity, KL and top-1 agreement against the float model")):
+        p = sub.add_parser(name, help=text)
+        _add_model_args(p)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--plan", help="plan JSON from `lieq-export plan`")
+        if name == "eval":
+            src.add_argument("--checkpoint", help="quantized checkpoint (no requantization)")
+        p.add_argument("--method", choices=("rtn", "gptq"), default=None, help="override the plan's base quantizer")
+        _add_text_args(p, calib=16, evals=8)
+        if name == "quantize":
+            p.add_argument("--out", required=True, help="checkpoint folder")
+            p.set_defaults(checkpoint=None)
+        else:
+            p.add_argument("--json", default=None, help="also write the results here")
+        p.set_defaults(func=fn)
+
+
+# ---- export / generate (ExecuTorch .pte; ONNX via backends.onnx) ----------------------
+
+
+def cmd_export(args) -> int:
+    import warnings
+
+    if args.target == "pte":
+        from .backends.pte import export_checkpoint
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library noise; our own warnings are in the manifest
+            man = export_checkpoint(args.checkpoint, args.out, max_seq_len=args.max_seq_len)
+        for w in man["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"wrote {args.out}: model.pte {man['pte_bytes'] / 1e6:.1f} MB "
+              f"(predicted {man['predicted_pte_bytes'] / 1e6:.1f} MB), max length {man['max_seq_len']}, "
+              f"{man['timings_s']['total_s']:.0f} s")
+        return 0
+    from .backends.onnx import export_onnx
+    from .quantize import load_checkpoint
+
+    model, tok, plan, qweights = load_checkpoint(args.checkpoint)
+    man = export_onnx(model, qweights, args.out, tokenizer=tok, plan=plan, max_length=args.max_seq_len)
+    print(f"wrote {args.out}: model.onnx {man['onnx_bytes'] / 1e6:.1f} MB "
+          f"(predicted {man['predicted_onnx_bytes'] / 1e6:.1f} MB), storage bits per layer "
+          + " ".join(str(l["storage_bits"]) for l in man["layers"])
+          + f", max length {man['max_length']}, {man['export_seconds']:.0f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .backends.onnx import is_bundle
+
+    if is_bundle(args.bundle):  # ONNX bundle: onnxruntime (or onnxruntime-genai with --genai)
+        from .backends.onnx import generate
+
+        print(generate(args.bundle, args.prompt, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                       temperature=args.temperature, seed=args.seed, use_genai=args.genai))
+        return 0
+    from .backends.pte import generate_text
+
+    text = generate_text(args.bundle, args.prompt, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                         temperature=args.temperature, seed=args.seed, use_runner=args.runner)
+    print(text)
+    return 0
+
+
+def _add_export_generate(sub) -> None:
+    p = sub.add_parser("export", help="lower a quantized checkpoint to a deployable bundle (.pte or ONNX)")
+    p.add_argument("checkpoint", help="quantized checkpoint folder (from `lieq-export quantize`)")
+    p.add_argument("--target", choices=("pte", "onnx"), default="pte", help="pte: ExecuTorch + XNNPACK (default)")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--max-seq-len", type=int, default=512, help="static KV-cache length (default 512)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text from an exported bundle (.pte or ONNX)")
+    p.add_argument("bundle", help="bundle folder written by `lieq-export export`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --top-p")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--runner", action="store_true", help="use ExecuTorch's C++ TextLLMRunner")
+    p.add_argument("--genai", action="store_true", help="ONNX bundles: run with onnxruntime-genai (greedy)")
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lieq-export",
@@ -54,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="group size (default: largest of 128/64/32 that fits)")
     p.set_defaults(func=cmd_info)
 
+    _add_core(sub)
+    _add_export_generate(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -109,7 +109,7 @@ def describe(model: torch.nn.Module) -> ModelLayout:
         layers=tuple(layers),
         embed=LinearSpec("embed_tokens", "model.embed_tokens", emb.shape[1], emb.shape[0]),
         lm_head=LinearSpec("lm_head", "lm_head", head.shape[1], head.shape[0]),
-        tied=head.data_ptr() == emb.data_ptr(),
+        tied=head is emb or (head.device.type != "meta" and head.data_ptr() == emb.data_ptr()),
         hidden_size=cfg.hidden_size,
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
@@ -118,6 +118,16 @@ def describe(model: torch.nn.Module) -> ModelLayout:
         vocab_size=emb.shape[0],
         total_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def layout_to_dict(layout: ModelLayout) -> dict:
+    return asdict(layout)
+
+
+def layout_from_dict(d: dict) -> ModelLayout:
+    lin = lambda x: LinearSpec(**x)  # noqa: E731
+    layers = tuple(LayerSpec(l["index"], tuple(lin(x) for x in l["linears"])) for l in d["layers"])
+    return ModelLayout(**{**d, "layers": layers, "embed": lin(d["embed"]), "lm_head": lin(d["lm_head"])})
 
 
 def builtin_model_file(name: str) -> Path:
@@ -181,6 +191,23 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False):
         model.config.gguf_file = None
     describe(model)  # fail early on an unsupported architecture
     return model, tokenizer
+
+
+def load_layout(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> ModelLayout:
+    """The layout of a model from its config alone (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, gguf_file = resolve_model(spec)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as e:
+        raise ModelError(f"could not read the config of {spec!r}: {e}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return describe(model)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
