@@ -59,26 +59,33 @@ def cmd_score(args) -> int:
     from .models import load_model
     from .scoring import ALL_PROJECTIONS, QKV, ScoreConfig, delta_ppl, save_scores, score_layers, spearman
 
-    cfg = ScoreConfig(
-        projections=QKV if args.projections == "qkv" else ALL_PROJECTIONS,
-        baseline=args.baseline, seed=args.seed, top_k=args.top_k, normalize_rows=args.normalize_rows,
-    )
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     calib, _ = _windows(args, tok)
-    scores = score_layers(model, calib, cfg)
+    if args.scorer == "qerror":
+        from .qerror import QErrorConfig, score_qerror
+
+        scores = score_qerror(model, calib, QErrorConfig(group_size=args.group_size, symmetric=args.symmetric))
+        columns = [("damage@" + b, [d[b] for d in scores["damage"]]) for b in scores["damage"][0]]
+    else:
+        cfg = ScoreConfig(
+            projections=QKV if args.projections == "qkv" else ALL_PROJECTIONS,
+            baseline=args.baseline, seed=args.seed, top_k=args.top_k, normalize_rows=args.normalize_rows,
+        )
+        scores = score_layers(model, calib, cfg)
+        columns = [("Δr", scores["scores"]), (f"ΔE_top{cfg.top_k}", [l["energy_gain"] for l in scores["layers"]])]
     if args.delta_ppl:
         scores["delta_ppl"] = delta_ppl(model, calib)
         scores["spearman_delta_ppl"] = spearman(scores["scores"], scores["delta_ppl"]["scores"])
+        columns.append(("ΔPPL", scores["delta_ppl"]["scores"]))
     save_scores(args.out, scores)
-    dp = scores.get("delta_ppl", {}).get("scores")
-    print(f"{'layer':>5} {'Δr':>9} {'ΔE_top' + str(cfg.top_k):>10}" + (f" {'ΔPPL':>9}" if dp else ""))
-    for l in scores["layers"]:
-        print(f"{l['index']:>5} {l['delta_r']:>9.4f} {l['energy_gain']:>10.4f}" + (f" {dp[l['index']]:>9.3f}" if dp else ""))
-    print(f"scored {len(scores['layers'])} layers on {calib.numel():,} tokens in {scores['seconds']:.1f} s")
-    if dp:
+    print(f"{'layer':>5}" + "".join(f" {name:>11}" for name, _ in columns))
+    for i in range(len(scores["scores"])):
+        print(f"{i:>5}" + "".join(f" {vals[i]:>11.4g}" for _, vals in columns))
+    print(f"scored {len(scores['scores'])} layers ({scores['scorer']}) on {calib.numel():,} tokens in {scores['seconds']:.1f} s")
+    if args.delta_ppl:
         print(f"ΔPPL probing: {scores['delta_ppl']['seconds']:.1f} s "
               f"({scores['delta_ppl']['seconds'] / scores['seconds']:.1f}x the score); "
-              f"Spearman ρ(Δr, ΔPPL) = {scores['spearman_delta_ppl']:.3f}")
+              f"Spearman ρ(score, ΔPPL) = {scores['spearman_delta_ppl']:.3f}")
     print(f"wrote {args.out}")
     return 0
 
@@ -104,7 +111,12 @@ def cmd_plan(args) -> int:
     else:
         vec = baseline_scores(args.allocator, scores["scores"], scores.get("delta_ppl", {}).get("scores"),
                               layout.num_layers, args.seed)
-        bits = allocate(vec, [l.params for l in layout.layers], widths, args.avg_bits, parse_pins(args.pin))
+        damage = None
+        if scores["scorer"] == "qerror" and args.allocator == "lieq":
+            from .qerror import damage_table
+
+            damage = damage_table(scores, widths)
+        bits = allocate(vec, [l.params for l in layout.layers], widths, args.avg_bits, parse_pins(args.pin), damage)
     symmetric = args.symmetric if args.symmetric is not None else args.target == "pte"
     plan = BitPlan(bits, args.group_size or default_group_size(layout), symmetric=symmetric, method=args.method,
                    embed_bits=None if args.embed_bits == 0 else args.embed_bits,
@@ -173,12 +185,16 @@ def _add_core(sub) -> None:
     p = sub.add_parser("score", help="LieQ geometry scores of every decoder layer (optionally ΔPPL probing)")
     _add_model_args(p)
     _add_text_args(p, calib=4, evals=0)
-    p.add_argument("--projections", choices=("qkv", "all"), default="qkv", help="qkv (default) or all seven")
+    p.add_argument("--scorer", choices=("lieq", "qerror"), default="lieq",
+                   help="lieq: the paper's geometry proxy; qerror: each layer's own quantization damage")
+    p.add_argument("--projections", choices=("qkv", "all"), default="qkv", help="lieq: qkv (default) or all seven")
     p.add_argument("--baseline", choices=("random_proj", "random_model"), default="random_proj",
                    help="random-init projection on the trained states (default), or a random model on its own states")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-k", type=int, default=8, help="k of the top-k energy diagnostic")
     p.add_argument("--normalize-rows", action="store_true", help="mean-centre and L2-normalize token rows first")
+    p.add_argument("--group-size", type=int, default=None, help="qerror: the plan's group size (default: largest that fits)")
+    p.add_argument("--symmetric", action="store_true", help="qerror: measure symmetric grids")
     p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(func=cmd_score)
@@ -189,7 +205,8 @@ def _add_core(sub) -> None:
     p.add_argument("--widths", default=None, help="comma-separated widths, e.g. 2,4 or 2,3,4 (default by --target)")
     p.add_argument("--target", choices=("pte", "onnx"), default=None,
                    help="pte: widths 4,8 and symmetric (XNNPACK); onnx: widths 2,4,8")
-    p.add_argument("--allocator", choices=("lieq", "random", "reversed", "oracle", "uniform"), default="lieq")
+    p.add_argument("--allocator", choices=("lieq", "random", "reversed", "oracle", "uniform"), default="lieq",
+                   help="lieq: rank by the scores file (whichever scorer wrote it); the others are baselines")
     p.add_argument("--seed", type=int, default=0, help="for --allocator random")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's width")
     p.add_argument("--group-size", type=int, default=None)
@@ -241,7 +258,8 @@ def cmd_export(args) -> int:
     from .quantize import load_checkpoint
 
     model, tok, plan, qweights = load_checkpoint(args.checkpoint)
-    man = export_onnx(model, qweights, args.out, tokenizer=tok, plan=plan, max_length=args.max_seq_len)
+    man = export_onnx(model, qweights, args.out, tokenizer=tok, plan=plan, max_length=args.max_seq_len,
+                      **({} if args.accuracy_level is None else {"accuracy_level": args.accuracy_level}))
     print(f"wrote {args.out}: model.onnx {man['onnx_bytes'] / 1e6:.1f} MB "
           f"(predicted {man['predicted_onnx_bytes'] / 1e6:.1f} MB), storage bits per layer "
           + " ".join(str(l["storage_bits"]) for l in man["layers"])
@@ -256,7 +274,8 @@ def cmd_generate(args) -> int:
         from .backends.onnx import generate
 
         print(generate(args.bundle, args.prompt, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-                       temperature=args.temperature, seed=args.seed, use_genai=args.genai))
+                       temperature=args.temperature, seed=args.seed, use_genai=args.genai,
+                       accuracy_level=args.accuracy_level))
         return 0
     from .backends.pte import generate_text
 
@@ -272,6 +291,9 @@ def _add_export_generate(sub) -> None:
     p.add_argument("--target", choices=("pte", "onnx"), default="pte", help="pte: ExecuTorch + XNNPACK (default)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--max-seq-len", type=int, default=512, help="static KV-cache length (default 512)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="onnx: MatMulNBits compute the bundle asks onnxruntime for (default 1 = float32, "
+                        "matches the reference; 4 = int8 activations, faster, esp. 2-bit, but drifts)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from an exported bundle (.pte or ONNX)")
@@ -283,6 +305,8 @@ def _add_export_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--runner", action="store_true", help="use ExecuTorch's C++ TextLLMRunner")
     p.add_argument("--genai", action="store_true", help="ONNX bundles: run with onnxruntime-genai (greedy)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="ONNX bundles: override the bundle's MatMulNBits accuracy level")
     p.set_defaults(func=cmd_generate)
 
 

@@ -25,12 +25,22 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
 
 
 @torch.inference_mode()
+def reference_logprobs(reference, windows: torch.Tensor, progress: bool = True) -> list[torch.Tensor]:
+    """Log-probabilities of the reference on each window, to compare many models against."""
+    return [F.log_softmax(_logits(reference, w), -1) for w in tqdm(windows, desc="reference", disable=not progress, leave=False)]
+
+
+@torch.inference_mode()
 def compare(model, reference, windows: torch.Tensor, progress: bool = True) -> dict:
-    """PPL of `model`, and KL(reference || model) and top-1 agreement per token, averaged."""
+    """PPL of `model`, and KL(reference || model) and top-1 agreement per token, averaged.
+
+    `reference` is a model or its `reference_logprobs` on the same windows.
+    """
+    if isinstance(reference, torch.nn.Module):
+        reference = reference_logprobs(reference, windows, progress=False)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
-    for w in tqdm(windows, desc="evaluate", disable=not progress, leave=False):
+    for w, ref_logp in tqdm(list(zip(windows, reference)), desc="evaluate", disable=not progress, leave=False):
         logp = F.log_softmax(_logits(model, w), -1)
-        ref_logp = F.log_softmax(_logits(reference, w), -1)
         nll += F.nll_loss(logp[:-1], w[1:], reduction="sum").item()
         kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()

@@ -65,6 +65,9 @@ class BitPlan:
     group_size: int
     symmetric: bool = False
     method: str = "rtn"
+    # GPTQ visits columns by decreasing Hessian diagonal (with static group grids): on
+    # smollm2-135m 3-bit g64 this took PPL 21.8 -> 16.3. Ignored by RTN.
+    act_order: bool = True
     embed_bits: int | None = 8  # None: float32
     lm_head_bits: int | None = 8
     allocator: str = "uniform"  # provenance only: which allocator wrote this plan

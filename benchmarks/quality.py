@@ -1,0 +1,252 @@
+"""Quality of LieQ allocations against baselines on a real model.
+
+Calibration on State of the Union addresses from one range of years, evaluation on a
+disjoint range (512-token windows). For every budget: the LieQ plan, random plans
+(several seeds), the reversed ranking and the ΔPPL oracle, each quantized with the
+base quantizer(s) and compared with the float model (perplexity, KL, top-1).
+
+    python benchmarks/quality.py                 # RTN, smollm2-135m
+    python benchmarks/quality.py --methods rtn,gptq
+
+Writes benchmarks/results/quality.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lieq_export.allocate import allocate, baseline_scores, uniform_bits  # noqa: E402
+from lieq_export.evaluate import compare, perplexity, reference_logprobs  # noqa: E402
+from lieq_export.models import describe, load_model  # noqa: E402
+from lieq_export.plan import BitPlan, default_group_size  # noqa: E402
+from lieq_export.qerror import QErrorConfig, damage_table, score_qerror  # noqa: E402
+from lieq_export.quantize import fake_quantize, quantize_model  # noqa: E402
+from lieq_export.scoring import ALL_PROJECTIONS, QKV, ScoreConfig, delta_ppl, score_layers, spearman  # noqa: E402
+from lieq_export.text import load_text, split_windows, token_windows  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def budgets(n_layers: int):
+    """(label, widths, budget) of the LieQ rows."""
+    return [
+        ("{2,4} one 4-bit layer", (2, 4), 2 + 2 / n_layers),
+        ("{2,4} 3.0", (2, 4), 3.0),
+        ("{3,4} 3.2", (3, 4), 3.2),
+        ("{3,4} 3.5", (3, 4), 3.5),
+        ("{2,3,4} 3.0", (2, 3, 4), 3.0),
+        ("{4,8} 4.5", (4, 8), 4.5),
+    ]
+
+
+def windows_for(tok, years: str, n: int, seq_len: int, take: str) -> torch.Tensor:
+    from sotu import year_range_folder
+
+    first, last = (int(y) for y in years.split("-"))
+    w = token_windows(tok, load_text(str(year_range_folder(first, last))), seq_len)
+    calib, ev = split_windows(w, n if take == "front" else 0, n if take == "back" else 0)
+    return calib if take == "front" else ev
+
+
+def score_variants(model, calib, log):
+    """Δr (and top-k energy gain) for each baseline and projection set, with their cost."""
+    out = {}
+    for projs, pname in ((QKV, "qkv"), (ALL_PROJECTIONS, "all")):
+        for baseline in ("random_proj", "random_model"):
+            cfg = ScoreConfig(projections=projs, baseline=baseline)
+            s = score_layers(model, calib, cfg)
+            out[f"{pname}/{baseline}"] = s
+            log(f"scored {pname}/{baseline} in {s['seconds']:.1f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-years", default="1934-1970")
+    ap.add_argument("--eval-years", default="1990-2021")
+    ap.add_argument("--calib", type=int, default=4, help="scoring / ΔPPL windows (default 4 x 512 tokens)")
+    ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ calibration windows")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--methods", default="rtn", help="comma-separated base quantizers: rtn, gptq")
+    ap.add_argument("--seeds", type=int, default=3, help="random allocations per budget")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="quality")
+    args = ap.parse_args(argv)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log = lambda m: print(f"[{time.perf_counter() - t_start:7.1f}s] {m}", flush=True)  # noqa: E731
+
+    model, tok = load_model(args.model)
+    layout = describe(model)
+    group = default_group_size(layout)
+    n_calib = max(args.calib, args.gptq_calib)
+    calib_all = windows_for(tok, args.calib_years, n_calib, args.seq_len, "front")
+    calib = calib_all[: args.calib]
+    evals = windows_for(tok, args.eval_years, args.eval_windows, args.seq_len, "back")
+    log(f"{layout.architecture}, {layout.num_layers} layers, group {group}; calibration {tuple(calib_all.shape)} "
+        f"from {args.calib_years}, evaluation {tuple(evals.shape)} from {args.eval_years}")
+
+    variants = score_variants(model, calib, log)
+    lieq = variants["qkv/random_proj"]
+    qerr = score_qerror(model, calib, QErrorConfig(group_size=group))
+    log(f"scored qerror in {qerr['seconds']:.1f} s")
+    dppl = delta_ppl(model, calib)
+    log(f"ΔPPL probing ({layout.num_layers + 1} passes) in {dppl['seconds']:.1f} s")
+    rho = {name: spearman(s["scores"], dppl["scores"]) for name, s in variants.items()}
+    rho["qerror (damage at 2 bits)"] = spearman(qerr["scores"], dppl["scores"])
+    rho.update({f"{name} (energy gain)": spearman([l["energy_gain"] for l in s["layers"]], dppl["scores"])
+                for name, s in variants.items()})
+    for k, v in rho.items():
+        log(f"ρ({k}, ΔPPL) = {v:+.3f}")
+
+    ref = reference_logprobs(model, evals)
+    float_ppl = perplexity(model, evals)
+    log(f"float PPL {float_ppl:.3f}")
+
+    layer_params = [l.params for l in layout.layers]
+    rows = []
+
+    def run(method, label, widths, budget, allocator, bits, seed=None):
+        plan = BitPlan(bits, group, method=method, allocator=allocator, budget=budget)
+        t0 = time.perf_counter()
+        qw = quantize_model(model, plan, calib=calib_all[: args.gptq_calib], progress=False)
+        t_q = time.perf_counter() - t0
+        m = compare(fake_quantize(model, qw), ref, evals, progress=False)
+        acc = plan.accounting(layout)
+        row = {"method": method, "label": label, "widths": list(widths), "budget": budget, "allocator": allocator,
+               "seed": seed, "bits": list(bits), "avg_grid_bits": acc["avg_grid_bits"],
+               "storage_bits": acc["storage_bits"], "predicted_bytes": acc["predicted_bytes"],
+               "quantize_s": t_q, **m}
+        rows.append(row)
+        log(f"{method} {label:<22} {allocator:<9} {'' if seed is None else seed:>2} bits {acc['avg_grid_bits']:.3f} "
+            f"PPL {m['ppl']:8.3f} KL {m['kl']:.4f} top1 {m['top1']:.4f}")
+
+    for method in args.methods.split(","):
+        for b in (2, 3, 4, 8):
+            run(method, f"uniform {b}", (b,), float(b), "uniform", uniform_bits(layout.num_layers, (b,), b))
+        for label, widths, budget in budgets(layout.num_layers):
+            rankings = {
+                "lieq": lieq["scores"],
+                "reversed": baseline_scores("reversed", lieq["scores"]),
+                "oracle": dppl["scores"],
+            }
+            for name, vec in rankings.items():
+                run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
+            run(method, label, widths, budget, "qerror",
+                allocate(qerr["scores"], layer_params, widths, budget, damage=damage_table(qerr, widths)))
+            for seed in range(args.seeds):
+                vec = baseline_scores("random", n_layers=layout.num_layers, seed=seed)
+                run(method, label, widths, budget, "random", allocate(vec, layer_params, widths, budget), seed)
+
+    result = {
+        "model": args.model, "architecture": layout.architecture, "group_size": group,
+        "calibration": {"years": args.calib_years, "windows": list(calib_all.shape), "scoring_windows": list(calib.shape)},
+        "evaluation": {"years": args.eval_years, "windows": list(evals.shape)},
+        "float_ppl": float_ppl,
+        "scores": {k: {"scores": v["scores"], "energy_gain": [l["energy_gain"] for l in v["layers"]],
+                       "seconds": v["seconds"]} for k, v in variants.items()},
+        "qerror": {k: qerr[k] for k in ("scores", "damage", "seconds", "config")},
+        "delta_ppl": dppl,
+        "spearman_vs_delta_ppl": rho,
+        "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr["seconds"], "delta_ppl_s": dppl["seconds"],
+                 "delta_ppl_over_score": dppl["seconds"] / lieq["seconds"],
+                 "qerror_over_lieq": qerr["seconds"] / lieq["seconds"],
+                 "delta_ppl_over_qerror": dppl["seconds"] / qerr["seconds"]},
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+        "total_s": time.perf_counter() - t_start,
+    }
+    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{args.name}.md").write_text(markdown(result))
+    plot(result, out_dir / f"{args.name}.png")
+    print(markdown(result))
+    return 0
+
+
+def summarize(rows):
+    """Random rows collapse into mean ± sd per (method, label)."""
+    out, groups = [], {}
+    for r in rows:
+        if r["allocator"] == "random":
+            groups.setdefault((r["method"], r["label"]), []).append(r)
+        else:
+            out.append({**r, "ppl_sd": None})
+    for (method, label), rs in groups.items():
+        mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        sd = statistics.stdev(r["ppl"] for r in rs) if len(rs) > 1 else 0.0
+        out.append({**rs[0], "allocator": f"random (n={len(rs)})", "ppl": mean("ppl"), "ppl_sd": sd,
+                    "kl": mean("kl"), "top1": mean("top1"), "avg_grid_bits": mean("avg_grid_bits")})
+    order = {"uniform": 0, "lieq": 1, "qerror": 2, "random": 3, "reversed": 4, "oracle": 5}
+    return sorted(out, key=lambda r: (r["method"], r["budget"], r["label"], order.get(r["allocator"].split()[0], 9)))
+
+
+def markdown(res) -> str:
+    lines = [
+        f"# Quality: {res['model']} ({res['architecture']}), group {res['group_size']}",
+        "",
+        f"Calibration: SOTU {res['calibration']['years']} ({res['calibration']['scoring_windows'][0]} x "
+        f"{res['calibration']['scoring_windows'][1]} tokens for scoring and ΔPPL); evaluation: SOTU "
+        f"{res['evaluation']['years']} ({res['evaluation']['windows'][0]} x {res['evaluation']['windows'][1]} tokens). "
+        f"Float PPL {res['float_ppl']:.3f}. Embeddings and lm_head at 8 bits (not counted in the averages).",
+        "",
+        "| method | budget | allocator | avg grid bits | pte bits | onnx bits | PPL | KL | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summarize(res["rows"]):
+        ppl = f"{r['ppl']:.3f}" + (f" ± {r['ppl_sd']:.3f}" if r.get("ppl_sd") is not None else "")
+        lines.append(f"| {r['method']} | {r['label']} | {r['allocator']} | {r['avg_grid_bits']:.3f} | "
+                     f"{r['storage_bits']['pte']:.2f} | {r['storage_bits']['onnx']:.2f} | {ppl} | {r['kl']:.4f} | "
+                     f"{r['top1']:.4f} |")
+    c = res["cost"]
+    lines += ["", f"Scoring (qkv, random_proj) {c['lieq_score_s']:.1f} s; ΔPPL probing {c['delta_ppl_s']:.1f} s on the "
+              f"same tokens: {c['delta_ppl_over_score']:.1f}x the scoring time.",
+              f"qerror scoring {c.get('qerror_score_s', float('nan')):.1f} s: "
+              f"{c.get('qerror_over_lieq', float('nan')):.2f}x the LieQ proxy, "
+              f"1/{c.get('delta_ppl_over_qerror', float('nan')):.1f} of ΔPPL probing.", "",
+              "| score | Spearman ρ with ΔPPL |", "|---|---|"]
+    lines += [f"| {k} | {v:+.3f} |" for k, v in res["spearman_vs_delta_ppl"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize(res["rows"])
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(7 * len(methods), 5), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for alloc in ("uniform", "lieq", "qerror", "random", "reversed", "oracle"):
+            pts = sorted((r["avg_grid_bits"], r["ppl"], r.get("ppl_sd") or 0) for r in rows
+                         if r["method"] == method and r["allocator"].split()[0] == alloc)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e if alloc == "random" else None, marker="o", label=alloc, capsize=3)
+        ax.axhline(res["float_ppl"], color="k", ls="--", lw=1, label="float")
+        ax.set_yscale("log")
+        ax.set_xlabel("average grid bits (decoder linears)")
+        ax.set_ylabel("perplexity (held-out SOTU)")
+        ax.set_title(f"{res['model']} — {method}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

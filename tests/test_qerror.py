@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lieq_export.allocate import allocate
+from lieq_export.qerror import QErrorConfig, damage_table, score_qerror
+from lieq_export.scoring import ScoreError
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+
+
+def test_qerror_deterministic_monotone_and_one_pass(windows):
+    m = tiny_model("llama", layers=3)
+    calls = {"model": 0}
+    m.register_forward_pre_hook(lambda *a: calls.__setitem__("model", calls["model"] + 1))
+    layer_calls = [0] * 3
+    for i, layer in enumerate(m.model.layers):
+        layer.register_forward_pre_hook(lambda *a, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
+    cfg = QErrorConfig(widths=(2, 4), group_size=32, error_tokens=64)
+    a = score_qerror(m, windows, cfg, progress=False)
+    # Model-level calls only capture layer-0 inputs (stopped at layer 0): one per batch, plus
+    # one for the error subset. Each layer runs once on the calibration data, plus once per width
+    # on the error subset.
+    assert calls["model"] == 2
+    assert layer_calls[1:] == [1 + 2, 1 + 2]
+    b = score_qerror(m, windows, cfg, progress=False)
+    assert a["damage"] == b["damage"]
+    for d in a["damage"]:
+        assert d["2"] > d["4"] > 0
+
+
+def test_damaged_layer_scores_highest(windows):
+    m = tiny_model("qwen3", layers=3)
+    with torch.no_grad():  # an outlier-heavy layer: RTN's group range is set by one huge weight
+        w = m.model.layers[1].mlp.down_proj.weight
+        w[:, ::32] *= 200
+    s = score_qerror(m, windows, QErrorConfig(widths=(2, 4), group_size=32), progress=False)
+    assert s["scores"][1] > s["scores"][0] and s["scores"][1] > s["scores"][2]
+    bits = allocate(s["scores"], s["layer_params"], (2, 4), 2 + 2 / 3, damage=damage_table(s, (2, 4)))
+    assert bits == (2, 4, 2)
+
+
+def test_damage_table_extrapolates_unmeasured_widths():
+    t = damage_table({"damage": [{"2": 1.0, "4": 0.0625}]}, (2, 3, 4, 8))
+    assert t[0][2] == 1.0 and t[0][4] == 0.0625
+    assert t[0][3] == pytest.approx(0.25)  # from 2 bits (nearest, lower on ties)
+    assert t[0][8] == pytest.approx(0.0625 / 4**4)
+
+
+def test_bad_config():
+    with pytest.raises(ScoreError, match=r"qerror widths \[5\] are not supported"):
+        QErrorConfig(widths=(2, 5))
+    with pytest.raises(ScoreError, match="normalize 'mean' is unknown"):
+        QErrorConfig(normalize="mean")
