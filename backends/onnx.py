@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# torch is imported where the export needs it: running a bundle (OnnxDecoder, generate)
+# needs only numpy and onnxruntime, which keeps a gateway's memory footprint honest.
 
 OPSET = 25  # INT2 in DequantizeLinear needs opset 25
 IR_VERSION = 11
@@ -597,6 +599,8 @@ def _versions() -> dict:
     import onnx
     import onnxruntime
 
+    import torch
+
     out = {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
     try:
         from importlib.metadata import version
@@ -654,6 +658,8 @@ def export_onnx(
     if plan is not None:
         plan.validate(layout)
     max_length = int(max_length or min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH, 1 << 20))
+
+    import torch
 
     exporter = DecoderExporter(model, qweights, layout)
     with torch.no_grad():
@@ -746,7 +752,8 @@ def _manifest(model, layout, info: ExportInfo, plan, folder: Path, files, genai,
 # ---------------------------------------------------------------------------
 
 
-def session_options(accuracy_level: int | None = None, threads: int | None = None, optimized_path=None):
+def session_options(accuracy_level: int | None = None, threads: int | None = None, optimized_path=None,
+                    config: dict | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -759,6 +766,8 @@ def session_options(accuracy_level: int | None = None, threads: int | None = Non
         so.intra_op_num_threads = int(threads)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, str(v))
     return so
 
 
@@ -772,7 +781,8 @@ def load_manifest(bundle) -> dict:
 class OnnxDecoder:
     """A bundle's model.onnx in an onnxruntime session, with a KV cache."""
 
-    def __init__(self, bundle, accuracy_level: int | None = None, threads: int | None = None, optimized_path=None):
+    def __init__(self, bundle, accuracy_level: int | None = None, threads: int | None = None, optimized_path=None,
+                 config: dict | None = None):
         import onnxruntime as ort
 
         self.bundle = Path(bundle)
@@ -784,7 +794,7 @@ class OnnxDecoder:
             accuracy_level = self.manifest.get("accuracy_level")  # what the bundle asks for
         self.accuracy_level = accuracy_level
         self.session = ort.InferenceSession(
-            str(path), session_options(accuracy_level, threads, optimized_path), providers=["CPUExecutionProvider"]
+            str(path), session_options(accuracy_level, threads, optimized_path, config), providers=["CPUExecutionProvider"]
         )
         ins = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in ins if n.endswith(".key") and n.startswith("past_key_values."))
