@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_core(sub)
     _add_export_generate(sub)
+    from .chat import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 
