@@ -57,10 +57,12 @@ def windows_for(tok, years: str, n: int, seq_len: int, take: str) -> torch.Tenso
     return calib if take == "front" else ev
 
 
-def score_variants(model, calib, log):
+def score_variants(model, calib, log, sets=("qkv", "all")):
     """Δr (and top-k energy gain) for each baseline and projection set, with their cost."""
     out = {}
     for projs, pname in ((QKV, "qkv"), (ALL_PROJECTIONS, "all")):
+        if pname not in sets:
+            continue
         for baseline in ("random_proj", "random_model"):
             cfg = ScoreConfig(projections=projs, baseline=baseline)
             s = score_layers(model, calib, cfg)
@@ -80,6 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--methods", default="rtn", help="comma-separated base quantizers: rtn, gptq")
     ap.add_argument("--seeds", type=int, default=3, help="random allocations per budget")
+    ap.add_argument("--projection-sets", default="qkv,all", help="LieQ variants to score: qkv, all")
+    ap.add_argument("--allocators", default="lieq,qerror,random,reversed,oracle", help="which allocators get rows")
+    ap.add_argument("--labels", default=None, help="only these budget rows (';'-separated labels, e.g. '{3,4} 3.2;{3,4} 3.5')")
+    ap.add_argument("--uniform", default="2,3,4,8", help="uniform widths to run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="quality")
     args = ap.parse_args(argv)
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
     log(f"{layout.architecture}, {layout.num_layers} layers, group {group}; calibration {tuple(calib_all.shape)} "
         f"from {args.calib_years}, evaluation {tuple(evals.shape)} from {args.eval_years}")
 
-    variants = score_variants(model, calib, log)
+    variants = score_variants(model, calib, log, args.projection_sets.split(","))
     lieq = variants["qkv/random_proj"]
     qerr = score_qerror(model, calib, QErrorConfig(group_size=group))
     log(f"scored qerror in {qerr['seconds']:.1f} s")
@@ -134,20 +140,26 @@ def main(argv=None) -> int:
         log(f"{method} {label:<22} {allocator:<9} {'' if seed is None else seed:>2} bits {acc['avg_grid_bits']:.3f} "
             f"PPL {m['ppl']:8.3f} KL {m['kl']:.4f} top1 {m['top1']:.4f}")
 
+    allocators = set(args.allocators.split(","))
+    labels = None if args.labels is None else {x.strip() for x in args.labels.split(";")}
     for method in args.methods.split(","):
-        for b in (2, 3, 4, 8):
+        for b in (int(x) for x in args.uniform.split(",") if x):
             run(method, f"uniform {b}", (b,), float(b), "uniform", uniform_bits(layout.num_layers, (b,), b))
         for label, widths, budget in budgets(layout.num_layers):
+            if labels is not None and label not in labels:
+                continue
             rankings = {
                 "lieq": lieq["scores"],
                 "reversed": baseline_scores("reversed", lieq["scores"]),
                 "oracle": dppl["scores"],
             }
             for name, vec in rankings.items():
-                run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
-            run(method, label, widths, budget, "qerror",
-                allocate(qerr["scores"], layer_params, widths, budget, damage=damage_table(qerr, widths)))
-            for seed in range(args.seeds):
+                if name in allocators:
+                    run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
+            if "qerror" in allocators:
+                run(method, label, widths, budget, "qerror",
+                    allocate(qerr["scores"], layer_params, widths, budget, damage=damage_table(qerr, widths)))
+            for seed in range(args.seeds if "random" in allocators else 0):
                 vec = baseline_scores("random", n_layers=layout.num_layers, seed=seed)
                 run(method, label, widths, budget, "random", allocate(vec, layer_params, widths, budget), seed)
 

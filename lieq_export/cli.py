@@ -236,6 +236,49 @@ def _add_core(sub) -> None:
         p.set_defaults(func=fn)
 
 
+def cmd_run(args) -> int:
+    import time
+
+    from .pipeline import RunConfig, run_pipeline
+
+    t0 = time.perf_counter()
+    cfg = RunConfig(
+        model=args.model, text=args.text, avg_bits=args.avg_bits,
+        widths=tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
+        targets=tuple(args.targets.split(",")), scorer=args.scorer, method=args.method,
+        group_size=args.group_size, seq_len=args.seq_len, calib_windows=args.calib, eval_windows=args.eval_windows,
+        verify_tokens=args.verify_tokens, max_seq_len=args.max_seq_len, delta_ppl=args.delta_ppl,
+        trust_remote_code=args.trust_remote_code,
+    )
+    res = run_pipeline(cfg, args.out)
+    print(f"plan ({res['accounting']['avg_grid_bits']:.3f} avg bits): " + " ".join(map(str, res["plan"]["layer_bits"])))
+    print(f"float PPL {res['reference']['float_ppl']:.3f}, reference PPL {res['reference']['reference_ppl']:.3f}")
+    for t, v in res["targets"].items():
+        print(f"{t:>4}: {v['bundle']}  {v['model_bytes'] / 1e6:.1f} MB  PPL {v['ppl']:.3f}  "
+              f"top-1 vs reference {v['top1_vs_reference']:.4f}  {v['tokens_per_s']:.1f} tok/s")
+    cached = [s["stage"] for s in res["stages"] if s["cached"]]
+    print(f"report: {args.out}/report.html  ({time.perf_counter() - t0:.0f} s"
+          + (f"; reused {', '.join(cached)}" if cached else "") + ")")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="score, plan, quantize, export, verify and report in one go")
+    _add_model_args(p)
+    p.add_argument("--avg-bits", type=float, default=4.5, help="average bits per decoder-linear weight (default 4.5)")
+    p.add_argument("--widths", default=None, help="default: 2,4 when onnx is a target, else 4,8")
+    p.add_argument("--targets", default="pte,onnx")
+    p.add_argument("--scorer", choices=("lieq", "qerror"), default="qerror")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
+    p.add_argument("--group-size", type=int, default=None)
+    _add_text_args(p, calib=16, evals=4)
+    p.add_argument("--verify-tokens", type=int, default=128, help="tokens per held-out window run through each bundle")
+    p.add_argument("--max-seq-len", type=int, default=512, help="context length of the exported bundles")
+    p.add_argument("--delta-ppl", action="store_true", help="also validate the scores by ΔPPL probing (L+1 passes)")
+    p.add_argument("--out", default="lieq-out", help="output folder (reused across budgets)")
+    p.set_defaults(func=cmd_run)
+
+
 # ---- export / generate (ExecuTorch .pte; ONNX via backends.onnx) ----------------------
 
 
@@ -324,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_core(sub)
+    _add_run(sub)
     _add_export_generate(sub)
     from .chat import add_chat_parser
 
