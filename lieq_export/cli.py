@@ -244,7 +244,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     cfg = RunConfig(
         model=args.model, text=args.text, avg_bits=args.avg_bits,
-        widths=tuple(int(w) for w in args.widths.split(",")) if args.widths else None,
+        widths=tuple(int(w) for w in args.widths.split(",")),
         targets=tuple(args.targets.split(",")), scorer=args.scorer, method=args.method,
         group_size=args.group_size, seq_len=args.seq_len, calib_windows=args.calib, eval_windows=args.eval_windows,
         verify_tokens=args.verify_tokens, max_seq_len=args.max_seq_len, delta_ppl=args.delta_ppl,
@@ -266,7 +266,7 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="score, plan, quantize, export, verify and report in one go")
     _add_model_args(p)
     p.add_argument("--avg-bits", type=float, default=4.5, help="average bits per decoder-linear weight (default 4.5)")
-    p.add_argument("--widths", default=None, help="default: 2,4 when onnx is a target, else 4,8")
+    p.add_argument("--widths", default="4,8", help="candidate widths (default 4,8; the paper's mode: 2,4)")
     p.add_argument("--targets", default="pte,onnx")
     p.add_argument("--scorer", choices=("lieq", "qerror"), default="qerror")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq")

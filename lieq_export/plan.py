@@ -124,7 +124,7 @@ class BitPlan:
             return spec.params * 4.0
         st = STORAGE[backend]
         groups = spec.params // self.group_size_for(bits, spec.in_features)
-        zp = st.zero_points and not self.symmetric and bits != 8
+        zp = st.zero_points and not self.symmetric
         return spec.params * st.container[bits] / 8 + groups * (st.scale_bytes + (st.container[bits] / 8 if zp else 0))
 
     def accounting(self, layout: ModelLayout) -> dict:

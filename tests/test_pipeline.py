@@ -45,8 +45,8 @@ def _run(model_dir, out, bits, *extra):
 
 def test_run_both_targets_then_reuse_scores(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    r1 = _run(model_dir, out, 3.0, "--method", "rtn", "--delta-ppl")
-    assert sorted(r1["plan"]["layer_bits"]) == [2, 4]  # {2,4} (ONNX is a target), one layer each
+    r1 = _run(model_dir, out, 3.0, "--method", "rtn", "--delta-ppl", "--widths", "2,4")
+    assert sorted(r1["plan"]["layer_bits"]) == [2, 4]  # one layer each
     for target in ("pte", "onnx"):
         t = r1["targets"][target]
         assert t["top1_vs_reference"] >= 0.95, (target, t)
@@ -59,7 +59,7 @@ def test_run_both_targets_then_reuse_scores(model_dir, tmp_path, capsys):
         assert f'src="{png}"' in html and (out / png).stat().st_size > 1000
 
     # the second budget exports ONNX only, to keep the test short: the cache is what is under test
-    r2 = _run(model_dir, out, 4.0, "--method", "rtn", "--delta-ppl", "--targets", "onnx")
+    r2 = _run(model_dir, out, 4.0, "--method", "rtn", "--delta-ppl", "--targets", "onnx", "--widths", "2,4")
     cached = {s["stage"]: s["cached"] for s in r2["stages"]}
     assert cached["score"] is True  # same model, text and scorer: scores reused across budgets
     assert cached["quantize"] is False
@@ -71,7 +71,7 @@ def test_run_both_targets_then_reuse_scores(model_dir, tmp_path, capsys):
 
     # an interrupted run resumes: the finished stages of this budget are all reused
     shutil.rmtree(out / "onnx-4bit")
-    r3 = _run(model_dir, out, 4.0, "--method", "rtn", "--delta-ppl", "--targets", "onnx")
+    r3 = _run(model_dir, out, 4.0, "--method", "rtn", "--delta-ppl", "--targets", "onnx", "--widths", "2,4")
     cached = {s["stage"]: s["cached"] for s in r3["stages"]}
     assert cached == {"score": True, "quantize": True, "export onnx": False}
 
@@ -82,7 +82,7 @@ def test_report_renders_in_chromium(model_dir, tmp_path):
     if chromium is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     out = tmp_path / "out"
-    _run(model_dir, out, 3.0, "--method", "rtn", "--targets", "onnx")
+    _run(model_dir, out, 3.0, "--method", "rtn", "--targets", "onnx", "--widths", "2,4")
     dom = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",

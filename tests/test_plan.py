@@ -36,7 +36,8 @@ def test_predicted_bytes_count_scales_and_zero_points(layout):
     sym = BitPlan.uniform(layout, 4, 32, symmetric=True).accounting(layout)["predicted_bytes"]["onnx"]
     asym = BitPlan.uniform(layout, 4, 32).accounting(layout)["predicted_bytes"]["onnx"]
     groups = sum(s.params // 32 for s in layout.linears())
-    assert asym - sym == pytest.approx(groups * 0.5, abs=1)  # one 4-bit zero point per group
+    # one 4-bit zero point per group, and one 8-bit zero point per row of the 8-bit tables
+    assert asym - sym == pytest.approx(groups * 0.5 + 2 * layout.vocab_size, abs=1)
 
 
 def test_default_group_size():
