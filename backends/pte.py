@@ -303,13 +303,11 @@ class QuantEmbedding(nn.Module):
             self.register_buffer("weight", (u[:, :, 0] * 16 + u[:, :, 1]).contiguous())
         else:
             raise PteExportError(f"embedding bits must be 4 or 8, got {qw.bits}")
+        # float32 scales and zero points: the kernels require zero points in the output
+        # dtype, and dequantizing with fp16 scales rounds (q - zp) * scale in fp16.
+        self.scale_bytes = 4
         scales = qw.scales.to(torch.float32)
-        # fp16 scales (what ExecuTorch's own quantized embeddings use) when exact, else fp32.
-        half_exact = bool(torch.equal(scales.half().float(), scales))
-        sdtype = torch.float16 if half_exact else torch.float32
-        self.scale_bytes = 2 if half_exact else 4
-        scales = scales.to(sdtype)
-        zps = None if qw.zero_points is None else qw.zero_points.to(sdtype)
+        zps = None if qw.zero_points is None else qw.zero_points.to(torch.float32)
         if scales.shape[1] == 1:
             scales = scales[:, 0]
             zps = None if zps is None else zps[:, 0]
@@ -546,8 +544,13 @@ def lower_to_executorch(built: BuiltModel, metadata: dict, *, example_len: int =
     mgr.run_canonical_optimizations()
     t_export = time.perf_counter() - t
     t = time.perf_counter()
-    # dynamically-quantized linears first, then everything else XNNPACK can take
-    mgr.to_edge_transform_and_lower([XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
+    if os.environ.get("LIEQ_PTE_PARTITIONER") == "per-op":
+        # export_llm's layout: one partition per dynamically-quantized linear, then the rest
+        parts = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()]
+    else:
+        # one partitioner, large partitions: lowering cost grows with partitions x graph size
+        parts = [XnnpackPartitioner()]
+    mgr.to_edge_transform_and_lower(parts)
     t_lower = time.perf_counter() - t
     t = time.perf_counter()
     mgr.to_executorch()

@@ -47,7 +47,7 @@ def make_tokenizer(tmp_path):
 def trained_model(arch: str, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch, layers=4, hidden=128, vocab=320)
+    cfg = tiny_config(arch, layers=len(PLANS[arch].layer_bits), hidden=128, vocab=320)
     cfg.tie_word_embeddings = arch == "llama"  # one tied, one untied
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -65,9 +65,11 @@ def trained_model(arch: str, tokenizer):
 
 
 PLANS = {
-    # layer widths 2, 3, 4, 8; embeddings 4-bit g32 (tied llama) or 8-bit (qwen3)
+    # Llama: every width 2, 3, 4, 8; tied, 4-bit g32 embeddings, 8-bit lm_head.
+    # Qwen3 (q/k norms, untied, 8-bit embeddings, 4-bit lm_head): two layers keep the
+    # lowering time down (it grows with the number of XNNPACK partitions).
     "llama": BitPlan((2, 3, 4, 8), group_size=32, symmetric=True, embed_bits=4, lm_head_bits=8),
-    "qwen3": BitPlan((8, 4, 3, 2), group_size=32, symmetric=True, embed_bits=8, lm_head_bits=4),
+    "qwen3": BitPlan((3, 8), group_size=32, symmetric=True, embed_bits=8, lm_head_bits=4),
 }
 
 
@@ -146,10 +148,44 @@ def test_bundle_contents(exported):
     assert man["tied_embeddings"] == (exported["arch"] == "llama")
     assert {"torch", "executorch", "lieq-export"} <= set(man["versions"])
     assert any("4 bits per weight on disk" in w for w in exported["warnings"])
+    assert any("4 bits per weight on disk" in w for w in man["warnings"])
     from pytorch_tokenizers import get_tokenizer
 
     t = get_tokenizer(str(b / "tokenizer.json"))
     assert t.encode("the quick", bos=0, eos=0) == exported["tokenizer"]("the quick")["input_ids"]
+
+
+def test_generate_text_greedy_and_top_p(exported):
+    tok = exported["tokenizer"]
+    prompt = "the quick brown fox jumps over"
+    greedy = pte.generate_text(exported["bundle"], prompt, max_new_tokens=8)
+    m = pte.PteModel(exported["bundle"])
+    assert greedy == tok.decode([t for t in m.generate(tok(prompt)["input_ids"], 8, eos_ids=[2]) if t != 2])
+    a = pte.generate_text(exported["bundle"], prompt, max_new_tokens=8, top_p=0.9, seed=3)
+    b = pte.generate_text(exported["bundle"], prompt, max_new_tokens=8, top_p=0.9, seed=3)
+    assert a == b
+
+
+@pytest.mark.slow
+def test_cli_export_and_generate(tmp_path, capsys):
+    from lieq_export.cli import main
+    from lieq_export.quantize import save_checkpoint
+
+    tokenizer = make_tokenizer(tmp_path)
+    model = trained_model("llama", tokenizer)
+    plan = PLANS["llama"]
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer, plan, quantize_model(model, plan, progress=False))
+    assert main(["export", str(tmp_path / "ckpt"), "--target", "pte", "--out", str(tmp_path / "b"),
+                 "--max-seq-len", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "4 bits per weight on disk" in err
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert man["tied_embeddings"] is True
+    assert main(["generate", str(tmp_path / "b"), "--prompt", "the quick brown", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(tmp_path / "b"), "--prompt", "the quick brown", "--max-new-tokens", "6",
+                 "--runner"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 # ---- fast checks (no lowering) -------------------------------------------------------
