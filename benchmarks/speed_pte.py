@@ -99,7 +99,7 @@ def export_llm_variant(model, tok, out: Path, max_seq_len: int) -> dict:
     cfg.export.max_seq_length = max_seq_len
     cfg.export.max_context_length = max_seq_len
     cfg.export.output_dir = str(out)
-    cfg.export.output_name = "model.pte"
+    cfg.export.output_name = str(out / "model.pte")  # a name ending in .pte is taken as a path
     cfg.quantization.qmode = "8da4w"
     cfg.quantization.group_size = 64
     cfg.quantization.embedding_quantize = "4,32"
@@ -212,8 +212,11 @@ def main(argv=None) -> int:
     rows = json.loads(prev.read_text())["variants"] if (a.reuse and prev.exists()) else {}
     for name in a.only.split(","):
         pte_file = WORK / name / "model.pte"
-        if a.reuse and pte_file.exists() and name in rows:
-            info = rows[name]
+        if a.reuse and pte_file.exists():
+            info = rows.get(name) or {"pte": str(pte_file), "tokenizer": str(WORK / name / "tokenizer.json")}
+            man = WORK / name / "manifest.json"
+            if "export_s" not in info and man.exists():
+                info["export_s"] = json.loads(man.read_text())["timings_s"]["total_s"]
         else:
             print(f"[{name}] exporting ...", flush=True)
             info = _child(["--_export", name, "--max-seq-len", str(a.max_seq_len)])
