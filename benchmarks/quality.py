@@ -38,13 +38,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def budgets(n_layers: int):
     """(label, widths, budget) of the LieQ rows."""
+    # The rows that decide between allocators at useful quality come first, so a run cut
+    # short still has them.
     return [
-        ("{2,4} one 4-bit layer", (2, 4), 2 + 2 / n_layers),
-        ("{2,4} 3.0", (2, 4), 3.0),
         ("{3,4} 3.2", (3, 4), 3.2),
         ("{3,4} 3.5", (3, 4), 3.5),
-        ("{2,3,4} 3.0", (2, 3, 4), 3.0),
         ("{4,8} 4.5", (4, 8), 4.5),
+        ("{2,4} 3.0", (2, 4), 3.0),
+        ("{2,3,4} 3.0", (2, 3, 4), 3.0),
+        ("{2,4} one 4-bit layer", (2, 4), 2 + 2 / n_layers),
     ]
 
 
@@ -88,7 +90,10 @@ def main(argv=None) -> int:
     ap.add_argument("--uniform", default="2,3,4,8", help="uniform widths to run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="quality")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a shared machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +130,30 @@ def main(argv=None) -> int:
     layer_params = [l.params for l in layout.layers]
     rows = []
 
+    def save(partial: bool):
+        result = {
+            "model": args.model, "architecture": layout.architecture, "group_size": group, "partial": partial,
+            "calibration": {"years": args.calib_years, "windows": list(calib_all.shape),
+                            "scoring_windows": list(calib.shape)},
+            "evaluation": {"years": args.eval_years, "windows": list(evals.shape)},
+            "float_ppl": float_ppl,
+            "scores": {k: {"scores": v["scores"], "energy_gain": [l["energy_gain"] for l in v["layers"]],
+                           "seconds": v["seconds"]} for k, v in variants.items()},
+            "qerror": {k: qerr[k] for k in ("scores", "damage", "seconds", "config")},
+            "delta_ppl": dppl,
+            "spearman_vs_delta_ppl": rho,
+            "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr["seconds"], "delta_ppl_s": dppl["seconds"],
+                     "delta_ppl_over_score": dppl["seconds"] / lieq["seconds"],
+                     "qerror_over_lieq": qerr["seconds"] / lieq["seconds"],
+                     "delta_ppl_over_qerror": dppl["seconds"] / qerr["seconds"]},
+            "rows": rows,
+            "torch_threads": torch.get_num_threads(),
+            "total_s": time.perf_counter() - t_start,
+        }
+        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / f"{args.name}.md").write_text(markdown(result))
+        return result
+
     def run(method, label, widths, budget, allocator, bits, seed=None):
         plan = BitPlan(bits, group, method=method, allocator=allocator, budget=budget)
         t0 = time.perf_counter()
@@ -137,6 +166,7 @@ def main(argv=None) -> int:
                "storage_bits": acc["storage_bits"], "predicted_bytes": acc["predicted_bytes"],
                "quantize_s": t_q, **m}
         rows.append(row)
+        save(partial=True)
         log(f"{method} {label:<22} {allocator:<9} {'' if seed is None else seed:>2} bits {acc['avg_grid_bits']:.3f} "
             f"PPL {m['ppl']:8.3f} KL {m['kl']:.4f} top1 {m['top1']:.4f}")
 
@@ -163,26 +193,7 @@ def main(argv=None) -> int:
                 vec = baseline_scores("random", n_layers=layout.num_layers, seed=seed)
                 run(method, label, widths, budget, "random", allocate(vec, layer_params, widths, budget), seed)
 
-    result = {
-        "model": args.model, "architecture": layout.architecture, "group_size": group,
-        "calibration": {"years": args.calib_years, "windows": list(calib_all.shape), "scoring_windows": list(calib.shape)},
-        "evaluation": {"years": args.eval_years, "windows": list(evals.shape)},
-        "float_ppl": float_ppl,
-        "scores": {k: {"scores": v["scores"], "energy_gain": [l["energy_gain"] for l in v["layers"]],
-                       "seconds": v["seconds"]} for k, v in variants.items()},
-        "qerror": {k: qerr[k] for k in ("scores", "damage", "seconds", "config")},
-        "delta_ppl": dppl,
-        "spearman_vs_delta_ppl": rho,
-        "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr["seconds"], "delta_ppl_s": dppl["seconds"],
-                 "delta_ppl_over_score": dppl["seconds"] / lieq["seconds"],
-                 "qerror_over_lieq": qerr["seconds"] / lieq["seconds"],
-                 "delta_ppl_over_qerror": dppl["seconds"] / qerr["seconds"]},
-        "rows": rows,
-        "torch_threads": torch.get_num_threads(),
-        "total_s": time.perf_counter() - t_start,
-    }
-    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{args.name}.md").write_text(markdown(result))
+    result = save(partial=False)
     plot(result, out_dir / f"{args.name}.png")
     print(markdown(result))
     return 0
@@ -209,6 +220,7 @@ def markdown(res) -> str:
     lines = [
         f"# Quality: {res['model']} ({res['architecture']}), group {res['group_size']}",
         "",
+        *(["**Partial: the run was interrupted; only the rows below were measured.**", ""] if res.get("partial") else []),
         f"Calibration: SOTU {res['calibration']['years']} ({res['calibration']['scoring_windows'][0]} x "
         f"{res['calibration']['scoring_windows'][1]} tokens for scoring and ΔPPL); evaluation: SOTU "
         f"{res['evaluation']['years']} ({res['evaluation']['windows'][0]} x {res['evaluation']['windows'][1]} tokens). "

@@ -8,7 +8,7 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("info",):
+    for name in ("info", "score", "plan", "quantize", "eval", "export", "generate", "chat", "run"):
         assert name in out
 
 
