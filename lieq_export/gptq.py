@@ -236,9 +236,14 @@ def gptq_quantize_model(
     calib: torch.Tensor,
     progress: bool = True,
     percdamp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ codes for every tensor the plan covers (embedding: RTN), keyed by module path."""
+    """GPTQ codes for every tensor the plan covers (embedding: RTN), keyed by module path.
+
+    act_order: None follows the plan (`plan.act_order`).
+    """
+    if act_order is None:
+        act_order = plan.act_order
     layout = describe(model)
     plan.validate(layout)
     if calib.dim() != 2 or calib.dtype != torch.long or calib.shape[0] == 0:

@@ -42,7 +42,7 @@ def quantize_model(
 
         if calib is None:
             raise ValueError("GPTQ needs calibration windows; pass calib (LongTensor [n, seq_len])")
-        return gptq_quantize_model(model, plan, calib, progress=progress, act_order=plan.act_order)
+        return gptq_quantize_model(model, plan, calib, progress=progress)
     out = {}
     tensors = list(plan.quantized_tensors(layout))
     for spec, bits in tqdm(tensors, desc="quantize (rtn)", disable=not progress, leave=False):
