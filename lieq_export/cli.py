@@ -129,6 +129,16 @@ def cmd_plan(args) -> int:
           + ", ".join(f"{k} {v:.3f}" for k, v in acc["storage_bits"].items()))
     print("predicted bytes " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in acc["predicted_bytes"].items()))
     print(f"wrote {args.out}")
+    if getattr(args, "format", "json") != "json":
+        from .formats import render
+
+        text = render(args.format, plan, layout)
+        print(text)
+        if args.format_out:
+            from .io import atomic_write_text
+
+            atomic_write_text(args.format_out, text + "\n")
+            print(f"wrote {args.format_out}")
     return 0
 
 
@@ -216,6 +226,10 @@ def _add_core(sub) -> None:
     p.add_argument("--embed-bits", type=int, default=8, help="4, 8, or 0 for float")
     p.add_argument("--lm-head-bits", type=int, default=8, help="4, 8, or 0 for float")
     p.add_argument("--out", default="plan.json")
+    p.add_argument("--format", choices=("json", "llama.cpp", "gptqmodel", "autoround"), default="json",
+                   help="also print the plan as llama-quantize --tensor-type arguments, a GPTQModel "
+                        "QuantizeConfig(dynamic=...) or an AutoRound layer_config")
+    p.add_argument("--format-out", default=None, help="write that --format output to this file too")
     p.set_defaults(func=cmd_plan)
 
     for name, fn, text in (("quantize", cmd_quantize, "quantize a model by a plan into a checkpoint"),
