@@ -193,23 +193,6 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     return model, tokenizer
 
 
-def load_layout(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> ModelLayout:
-    """The layout of a model from its config alone (no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    where, gguf_file = resolve_model(spec)
-    kwargs = dict(trust_remote_code=trust_remote_code)
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
-    except OSError as e:
-        raise ModelError(f"could not read the config of {spec!r}: {e}") from e
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return describe(model)
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Stable hash of the weights' values, to key cached scores and plans."""
     import hashlib
