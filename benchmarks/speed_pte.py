@@ -47,7 +47,6 @@ def _plan(name, layout):
 
 
 def export_variant(name: str, max_seq_len: int) -> dict:
-    import torch
 
     from lieq_export.backends import pte
     from lieq_export.models import describe, load_model

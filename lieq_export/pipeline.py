@@ -103,7 +103,7 @@ def run_pipeline(cfg: RunConfig, out_dir, progress: bool = True) -> dict:
     from .evaluate import perplexity, reference_logprobs
     from .models import describe, load_model, model_fingerprint
     from .plan import BitPlan, default_group_size
-    from .quantize import fake_quantize, load_checkpoint, quantize_model, save_checkpoint
+    from .quantize import load_checkpoint, quantize_model, save_checkpoint
     from .text import load_windows, text_fingerprint
 
     out = ensure_writable_dir(out_dir)

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_dir
-from .models import ModelLayout, describe
+from .models import describe
 from .plan import BitPlan
 from .quant import QuantizedWeight, quantize_rtn
 

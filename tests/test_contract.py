@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import tiny_bundles
 
