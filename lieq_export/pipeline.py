@@ -119,7 +119,11 @@ def run_pipeline(cfg: RunConfig, out_dir, progress: bool = True) -> dict:
 
     # 1. scores: independent of the budget, so every budget run in this folder shares them
     score_win = calib[: cfg.score_windows]
-    score_key = _key("score", model_fp, text_fingerprint(score_win), cfg.scorer, group, cfg.delta_ppl)
+    # One plan serves every target, so the bundles compute the same function; XNNPACK
+    # stores only symmetric 4/8-bit weights, so a plan that goes to .pte is symmetric.
+    symmetric = "pte" in cfg.targets
+    grid = (group, symmetric) if cfg.scorer == "qerror" else None  # only qerror measures the grid
+    score_key = _key("score", model_fp, text_fingerprint(score_win), cfg.scorer, grid, cfg.delta_ppl)
 
     def build_scores(tmp: Path):
         from .scoring import delta_ppl, save_scores, score_layers, spearman
@@ -127,7 +131,7 @@ def run_pipeline(cfg: RunConfig, out_dir, progress: bool = True) -> dict:
         if cfg.scorer == "qerror":
             from .qerror import QErrorConfig, score_qerror
 
-            s = score_qerror(model, score_win, QErrorConfig(group_size=group), progress=progress)
+            s = score_qerror(model, score_win, QErrorConfig(group_size=group, symmetric=symmetric), progress=progress)
         else:
             s = score_layers(model, score_win, progress=progress)
         if cfg.delta_ppl:
@@ -149,9 +153,7 @@ def run_pipeline(cfg: RunConfig, out_dir, progress: bool = True) -> dict:
 
         damage = damage_table(scores, widths)
     bits = allocate(scores["scores"], [l.params for l in layout.layers], widths, cfg.avg_bits, damage=damage)
-    # One plan serves every target, so the bundles compute the same function; XNNPACK
-    # stores only symmetric 4/8-bit weights, so a plan that goes to .pte is symmetric.
-    plan = BitPlan(bits, group, symmetric="pte" in cfg.targets, method=cfg.method, embed_bits=cfg.embed_bits,
+    plan = BitPlan(bits, group, symmetric=symmetric, method=cfg.method, embed_bits=cfg.embed_bits,
                    lm_head_bits=cfg.lm_head_bits, allocator=cfg.scorer, budget=cfg.avg_bits)
     tag = _budget_tag(cfg.avg_bits)
     atomic_write_text(out / f"plan-{tag}.json", plan.to_json(layout) + "\n")

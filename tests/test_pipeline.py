@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory):
 def _run(model_dir, out, bits, *extra):
     args = ["run", str(model_dir), "--avg-bits", str(bits), "--text", str(model_dir / "text.txt"), "--seq-len", "32",
             "--calib", "4", "--eval-windows", "2", "--verify-tokens", "32", "--max-seq-len", "64",
-            "--group-size", "32", "--out", str(out), *extra]
+            "--group-size", "32", "--scorer", "lieq", "--out", str(out), *extra]
     assert cli.main(args) == 0
     return json.loads((out / "runs" / f"{bits:g}bit.json").read_text())
 
