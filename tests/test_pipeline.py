@@ -13,22 +13,12 @@ from tests.conftest import tiny_model
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_pte import TEXT, make_tokenizer
+    from test_pte import TEXT, fit_text, make_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_run")
     tok = make_tokenizer(None)
     m = tiny_model("llama", layers=2, hidden=64, vocab=320)
-    ids = torch.tensor(tok(TEXT * 3)["input_ids"])
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    m.train()
-    for _ in range(30):  # decisive logits, so bundle and reference agree on the argmax
-        starts = torch.randint(0, len(ids) - 33, (8,), generator=torch.Generator().manual_seed(_))
-        batch = torch.stack([ids[s : s + 33] for s in starts])
-        loss = m(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    fit_text(m, tok, steps=30, lr=1e-2, generator=torch.Generator().manual_seed(0))
     m.save_pretrained(d)
     tok.save_pretrained(d)
     (d / "text.txt").write_text(TEXT * 40)

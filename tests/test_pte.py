@@ -51,11 +51,16 @@ def trained_model(arch: str, tokenizer):
     cfg.tie_word_embeddings = arch == "llama"  # one tied, one untied
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return fit_text(model, tokenizer, steps=60, lr=3e-3)
+
+
+def fit_text(model, tokenizer, steps: int, lr: float, generator=None):
+    """A few AdamW steps on TEXT, so tiny models have decisive logits (no near-ties)."""
     ids = torch.tensor(tokenizer(TEXT * 3)["input_ids"])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for step in range(60):
-        starts = torch.randint(0, len(ids) - 33, (8,))
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 33, (8,), generator=generator)
         batch = torch.stack([ids[s:s + 33] for s in starts])
         loss = model(batch, labels=batch).loss
         opt.zero_grad()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_config
-from test_pte import TEXT, make_tokenizer
+from test_pte import fit_text, make_tokenizer
 
 # Used by the chat tests: a template with a visible marker, and the prompt/answer text.
 CHAT_TEMPLATE = (
@@ -38,17 +38,7 @@ def tiny_model_and_tokenizer():
     cfg = tiny_config("llama", layers=1, hidden=64, vocab=320)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    ids = torch.tensor(tok(TEXT * 3)["input_ids"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(40):
-        starts = torch.randint(0, len(ids) - 33, (8,))
-        batch = torch.stack([ids[s:s + 33] for s in starts])
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit_text(model, tok, steps=40, lr=1e-2)
     plan = BitPlan((4,), group_size=32, symmetric=True, embed_bits=None, lm_head_bits=None)
     return model, tok, plan, quantize_model(model, plan, progress=False)
 
