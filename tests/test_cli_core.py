@@ -35,7 +35,7 @@ def run(*argv):
 def test_score_plan_quantize_eval(model_dir, tmp_path, capsys):
     text = model_dir / "text.txt"
     common = ["--text", text, "--seq-len", 64]
-    run("score", model_dir, *common, "--calib", 4, "--delta-ppl", "--out", tmp_path / "s.json")
+    run("score", model_dir, *common, "--scorer", "lieq", "--calib", 4, "--delta-ppl", "--out", tmp_path / "s.json")
     out = capsys.readouterr().out
     assert "Spearman" in out and "scored 4 layers (lieq)" in out
     scores = json.loads((tmp_path / "s.json").read_text())
@@ -67,16 +67,22 @@ def test_score_plan_quantize_eval(model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "e2.json").read_text())["ppl"] == pytest.approx(res["ppl"])  # same RTN codes
 
 
-def test_qerror_scores_drive_plan(model_dir, tmp_path):
-    run("score", model_dir, "--scorer", "qerror", "--text", model_dir / "text.txt", "--seq-len", 64, "--calib", 2,
-        "--group-size", 32, "--out", tmp_path / "q.json")
+def test_qerror_scores_drive_plan(model_dir, tmp_path, capsys):
+    # qerror is the default scorer; --widths limits the measurement to the plan's widths
+    run("score", model_dir, "--text", model_dir / "text.txt", "--seq-len", 64, "--calib", 2,
+        "--group-size", 32, "--widths", "2,3,4", "--out", tmp_path / "q.json")
+    assert "scored 4 layers (qerror)" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "q.json").read_text())
+    assert scores["config"]["widths"] == [2, 3, 4] and scores["config"]["normalize"] == "local"
+    assert set(scores["damage"][0]) == {"2", "3", "4"}
     run("plan", tmp_path / "q.json", "--widths", "2,3,4", "--avg-bits", 3.0, "--out", tmp_path / "p.json")
     plan = BitPlan.load(tmp_path / "p.json")
     assert sum(plan.layer_bits) / 4 <= 3.0
 
 
 def test_plan_errors(model_dir, tmp_path, capsys):
-    run("score", model_dir, "--text", model_dir / "text.txt", "--seq-len", 64, "--calib", 2, "--out", tmp_path / "s.json")
+    run("score", model_dir, "--scorer", "lieq", "--text", model_dir / "text.txt", "--seq-len", 64, "--calib", 2,
+        "--out", tmp_path / "s.json")
     capsys.readouterr()
     assert cli.main(["plan", str(tmp_path / "s.json"), "--widths", "2,4", "--avg-bits", "5"]) == 2
     assert "budget 5.0 is outside what widths [2, 4] can give" in capsys.readouterr().err

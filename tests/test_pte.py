@@ -237,10 +237,14 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_uniform4_pte_matches_reference_quality(smollm2, tmp_path):
-    """Real 135M model: int8 dynamic activations make per-position logits chaotic (rel. error
-    0.15-0.3 between any two implementations of the same 8da4w model), so the check here is
-    on quality: perplexity within 5 % of the PyTorch reference and top-1 agreement."""
+def test_smollm2_uniform4_pte_within_the_references_own_rounding_noise(smollm2, tmp_path):
+    """Full 135M model: per-position logits can't meet 2e-2 against any reference that is not
+    bit-identical, because int8 dynamic activation rounding cascades through 30 layers: the
+    PyTorch reference itself moves by up to 0.28 (median 0.034, top-1 0.887) when its input
+    embeddings get 1e-7 relative noise. So the .pte is held to that floor: its deviation from
+    the reference must look like one more such perturbation, not like a wrong weight
+    (measured: max 0.19, median 0.034, top-1 0.891), its first positions must match to float
+    precision, and its perplexity must agree. The 3-layer test checks exactness at 2e-2."""
     import math
 
     from lieq_export.models import describe
@@ -255,14 +259,58 @@ def test_smollm2_uniform4_pte_matches_reference_quality(smollm2, tmp_path):
     assert abs(man["pte_bytes"] - man["predicted_pte_bytes"]) / man["pte_bytes"] < 0.15
     ref = pte.runtime_reference(model, qweights, fake_quantize(model, qweights))
     m = pte.PteModel(tmp_path / "b")
-    nll_ref = nll_pte = agree = n = 0
+    gen = torch.Generator().manual_seed(0)
+    rel_pte, rel_floor, top1_pte, top1_floor, nll_ref, nll_pte, n = [], [], 0, 0, 0.0, 0.0, 0
     with torch.no_grad():
         for w in token_windows(tok, load_text(), 128)[:2]:
             want = ref(w[None]).logits[0]
+            emb = ref.model.embed_tokens(w[None])
+            noisy = ref(inputs_embeds=emb * (1 + 1e-7 * torch.randn(emb.shape, generator=gen))).logits[0]
             got = m.logits_per_position(w.tolist())
+            rel_pte.append((got - want).norm(dim=-1) / want.norm(dim=-1))
+            rel_floor.append((noisy - want).norm(dim=-1) / want.norm(dim=-1))
+            top1_pte += (got.argmax(-1) == want.argmax(-1)).sum().item()
+            top1_floor += (noisy.argmax(-1) == want.argmax(-1)).sum().item()
             nll_ref += torch.nn.functional.cross_entropy(want[:-1], w[1:], reduction="sum").item()
             nll_pte += torch.nn.functional.cross_entropy(got[:-1], w[1:], reduction="sum").item()
-            agree += (got.argmax(-1) == want.argmax(-1)).sum().item()
             n += len(w)
+    rel_pte, rel_floor = torch.cat(rel_pte), torch.cat(rel_floor)
+    # the first position of each window attends to itself only: no rounding flip has had a
+    # chance to cascade, and it matches to float precision (measured: ~1e-6)
+    assert rel_pte.view(2, -1)[:, 0].max() < 1e-3, rel_pte.view(2, -1)[:, :4]
+    assert rel_pte.median() < 2 * rel_floor.median() + 1e-2, (rel_pte.median(), rel_floor.median())
+    assert top1_pte >= top1_floor - 0.05 * n, (top1_pte, top1_floor, n)
     assert abs(math.exp(nll_pte / n) / math.exp(nll_ref / n) - 1) < 0.05
-    assert agree / n > 0.8
+
+
+# ---- the real model ----------------------------------------------------------------------
+
+
+def _first_layers(model, n: int):
+    """SmolLM2 cut to its first n decoder layers: real weights, activations and outliers,
+    but too shallow for int8 activation rounding to cascade (see the full-model test)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.model.layers = m.model.layers[:n]
+    m.config.num_hidden_layers = n
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = m.config.layer_types[:n]
+    return m
+
+
+def test_smollm2_first_layers_match_reference_every_position(smollm2, tmp_path):
+    from lieq_export.text import load_text, token_windows
+
+    model, tok = smollm2
+    model = _first_layers(model, 3)
+    plan = BitPlan((2, 4, 8), 64, symmetric=True, embed_bits=4, lm_head_bits=4)
+    qweights = quantize_model(model, plan, progress=False)
+    pte.export_pte(model, tok, qweights, plan, tmp_path / "b", max_seq_len=32)
+    ref = pte.runtime_reference(model, qweights, fake_quantize(model, qweights))
+    ids = token_windows(tok, load_text(), SEQ)[0]
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    got = pte.PteModel(tmp_path / "b").logits_per_position(ids.tolist())
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert rel.max() < 2e-2, rel

@@ -21,15 +21,32 @@ def test_qerror_deterministic_monotone_and_one_pass(windows):
         layer.register_forward_pre_hook(lambda *a, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
     cfg = QErrorConfig(widths=(2, 4), group_size=32, error_tokens=64)
     a = score_qerror(m, windows, cfg, progress=False)
-    # Model-level calls only capture layer-0 inputs (stopped at layer 0): one per batch, plus
-    # one for the error subset. Each layer runs once on the calibration data, plus once per width
-    # on the error subset.
-    assert calls["model"] == 2
-    assert layer_calls[1:] == [1 + 2, 1 + 2]
+    # One model-level call captures layer-0 inputs (stopped at layer 0); each layer then runs
+    # once in float and once per width: one calibration pass plus one per candidate width.
+    assert calls["model"] == 1
+    # (layer 0's count includes the capture call, stopped before the layer runs)
+    assert layer_calls == [1 + 1 + 2, 1 + 2, 1 + 2]
     b = score_qerror(m, windows, cfg, progress=False)
     assert a["damage"] == b["damage"]
     for d in a["damage"]:
         assert d["2"] > d["4"] > 0
+    # only the first error_tokens tokens are read
+    other = windows.clone()
+    other[1:] = (other[1:] + 1) % 256
+    assert score_qerror(m, other, cfg, progress=False)["damage"] == a["damage"]
+    assert a["windows"] == [1, 64]
+
+
+def test_local_normalization_divides_by_the_layers_own_output(windows):
+    m = tiny_model("llama", layers=3)
+    cfg = QErrorConfig(widths=(2,), group_size=32, error_tokens=128)
+    local = score_qerror(m, windows, cfg, progress=False)["scores"]
+    final = score_qerror(m, windows, QErrorConfig(widths=(2,), group_size=32, error_tokens=128, normalize="final"),
+                         progress=False)["scores"]
+    # same raw errors, different denominators: the ratio is ‖h_final‖² / ‖h_l‖², 1 at the last layer
+    ratios = [lo / fi for lo, fi in zip(local, final)]
+    assert ratios[-1] == pytest.approx(1.0)
+    assert len({round(r, 6) for r in ratios}) == 3
 
 
 def test_damaged_layer_scores_highest(windows):
@@ -55,3 +72,5 @@ def test_bad_config():
         QErrorConfig(widths=(2, 5))
     with pytest.raises(ScoreError, match="normalize 'mean' is unknown"):
         QErrorConfig(normalize="mean")
+    with pytest.raises(ScoreError, match="error_tokens must be positive"):
+        QErrorConfig(error_tokens=0)
