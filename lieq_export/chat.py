@@ -333,7 +333,16 @@ def run_chat(bundle, *, stdin=None, stdout=None, **kw) -> int:
         stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", errors="replace")
     out = stdout
     try:
-        session, banner = open_session(bundle, **kw)
+        # The runtimes start their worker threads while the session opens; threads inherit
+        # this mask, so with SIGINT blocked here Ctrl-C can only land on the main thread.
+        # (Delivered to a worker, it would leave the main thread asleep in read() until
+        # the next key press: seen as a hung Ctrl-C on a loaded machine.) A Ctrl-C during
+        # the opening stays pending and is raised when the mask is restored.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            session, banner = open_session(bundle, **kw)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         print(banner, file=out, flush=True)
         interactive = stdin.isatty()
         while True:
