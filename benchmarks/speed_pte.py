@@ -288,9 +288,10 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.8))
     panels = (("size_mb", "file size (MB)"), ("prefill_tok_s", "prefill tok/s (128)"),
-              ("decode_tok_s", "decode tok/s (128, Python loop)"), ("runner", "decode tok/s (TextLLMRunner)"))
+              ("decode_tok_s", "decode tok/s (128, Python loop)"), ("runner", "decode tok/s (TextLLMRunner)"),
+              ("race_decode_tok_s", "decode tok/s, .pte race (same moments)"))
     for ax, (key, label) in zip(axes, panels):
         vals = [((rows[n].get("runner") or {}).get("decode_tok_s") if key == "runner" else rows[n].get(key)) or 0
                 for n in names]

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,16 +334,12 @@ def run_chat(bundle, *, stdin=None, stdout=None, **kw) -> int:
         stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", errors="replace")
     out = stdout
     try:
-        # The runtimes start their worker threads while the session opens; threads inherit
-        # this mask, so with SIGINT blocked here Ctrl-C can only land on the main thread.
-        # (Delivered to a worker, it would leave the main thread asleep in read() until
-        # the next key press: seen as a hung Ctrl-C on a loaded machine.) A Ctrl-C during
-        # the opening stays pending and is raised when the mask is restored.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            session, banner = open_session(bundle, **kw)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        # Started from a non-interactive shell's background job, a process inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do
+        # nothing. A chat promises Ctrl-C quits, so ask for it explicitly.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        session, banner = open_session(bundle, **kw)
         print(banner, file=out, flush=True)
         interactive = stdin.isatty()
         while True:

@@ -128,8 +128,10 @@ def test_empty_and_missing_bundle_are_clean_errors(tmp_path):
 
 
 def test_sigint_at_prompt_exits_zero_piped(onnx_bundle):
+    # started as a background job of a non-interactive shell would start it: SIGINT ignored
+    # (then Python installs no KeyboardInterrupt handler unless the program asks for one)
     p = subprocess.Popen(chat_cmd(onnx_bundle), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         out = read_until(p.stdout.fileno(), b"you> ")
         time.sleep(0.5)  # see check_terminal
