@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
 
 
 def _add_core(sub) -> None:
-    p = sub.add_parser("score", help="LieQ geometry scores of every decoder layer (optionally ΔPPL probing)")
+    p = sub.add_parser("score", help="per-layer scores: quantization damage (qerror) or the LieQ proxy; optional ΔPPL")
     _add_model_args(p)
     _add_text_args(p, calib=4, evals=0)
     p.add_argument("--scorer", choices=("lieq", "qerror"), default="qerror",
@@ -209,7 +209,7 @@ def _add_core(sub) -> None:
     p.add_argument("--group-size", type=int, default=None, help="qerror: the plan's group size (default: largest that fits)")
     p.add_argument("--symmetric", action="store_true", help="qerror: measure symmetric grids")
     p.add_argument("--widths", default=None,
-                   help="qerror: widths to measure (default 2,3,4,8; give the plan's, e.g. 4,8, to halve the cost)")
+                   help="qerror: widths to measure (default 2,3,4,8; give the plan's, e.g. 4,8: fewer passes)")
     p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(func=cmd_score)
