@@ -118,22 +118,24 @@ def export_llm_variant(model, tok, out: Path, max_seq_len: int) -> dict:
             "export_s": round(time.perf_counter() - t0, 1), "export_llama_s": round(time.perf_counter() - t1, 1)}
 
 
+def _prompt_ids(n: int):
+    """The same n synthetic token ids for every variant and runtime."""
+    import torch
+
+    return (torch.arange(n) * 7 + 11) % 1000 + 100
+
+
 def race(ptes: dict[str, str], bursts: int = 12, n_decode: int = 32) -> dict:
     """All .pte programs loaded in one process, decoding in alternating bursts: each
     variant's median burst speed, measured at the same moments as the others'."""
-    import torch
-
     from lieq_export.backends import pte
 
     models = {name: pte.PteModel(path) for name, path in ptes.items()}
-    ids = ((torch.arange(64) * 7 + 11) % 1000 + 100).tolist()
+    ids = _prompt_ids(64).tolist()
     nxt = {}
-    for name, m in models.items():
-        m.reset()
-        nxt[name] = int(m.step(ids).argmax())
     speeds = {name: [] for name in models}
     for b in range(bursts):
-        if b % 4 == 0:  # stay inside the KV cache
+        if b % 4 == 0:  # (re)start from the prompt, staying inside the KV cache
             for name, m in models.items():
                 m.reset()
                 nxt[name] = int(m.step(ids).argmax())
@@ -189,7 +191,7 @@ def measure_gguf(path: str, n_prefill: int = 128, n_decode: int = 128) -> dict:
     def last_argmax() -> int:  # only the batch's last row has logits
         return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
 
-    ids = [int(i) for i in ((np.arange(n_prefill) * 7 + 11) % 1000 + 100)]
+    ids = _prompt_ids(n_prefill).tolist()
     llm.eval(ids[:8])  # warm-up
     pre = []
     for _ in range(3):
@@ -210,14 +212,12 @@ def measure_gguf(path: str, n_prefill: int = 128, n_decode: int = 128) -> dict:
 
 def measure(pte_path: str, tokenizer: str, n_prefill: int = 128, n_decode: int = 128) -> dict:
     """Runs in a fresh process: tok/s through executorch.runtime, then TextLLMRunner stats."""
-    import torch
-
     from lieq_export.backends import pte
 
     t = time.perf_counter()
     m = pte.PteModel(pte_path)
     load_s = time.perf_counter() - t
-    ids = (torch.arange(n_prefill) * 7 + 11) % 1000 + 100
+    ids = _prompt_ids(n_prefill)
     m.reset()
     m.step(ids[:8].tolist())  # warm-up
     pre = []

@@ -64,7 +64,7 @@ def cmd_score(args) -> int:
     if args.scorer == "qerror":
         from .qerror import QErrorConfig, score_qerror
 
-        widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else QErrorConfig.widths
+        widths = args.widths or QErrorConfig.widths
         scores = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=args.group_size,
                                                          symmetric=args.symmetric))
         columns = [("damage@" + b, [d[b] for d in scores["damage"]]) for b in scores["damage"][0]]
@@ -92,6 +92,14 @@ def cmd_score(args) -> int:
     return 0
 
 
+def widths_arg(text: str) -> tuple[int, ...]:
+    """--widths '2,4' -> (2, 4), parsed once for score, plan and run."""
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bit widths, e.g. 2,4") from None
+
+
 def cmd_plan(args) -> int:
     import warnings
 
@@ -102,7 +110,7 @@ def cmd_plan(args) -> int:
 
     scores = load_scores(args.scores)
     layout = layout_from_dict(scores["layout"])
-    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else TARGET_WIDTHS[args.target]
+    widths = args.widths or TARGET_WIDTHS[args.target]
     if args.target in STORED_WIDTHS:
         widened = sorted(set(widths) - set(STORED_WIDTHS[args.target]))
         if widened:
@@ -208,7 +216,7 @@ def _add_core(sub) -> None:
     p.add_argument("--normalize-rows", action="store_true", help="mean-centre and L2-normalize token rows first")
     p.add_argument("--group-size", type=int, default=None, help="qerror: the plan's group size (default: largest that fits)")
     p.add_argument("--symmetric", action="store_true", help="qerror: measure symmetric grids")
-    p.add_argument("--widths", default=None,
+    p.add_argument("--widths", type=widths_arg, default=None,
                    help="qerror: widths to measure (default 2,3,4,8; give the plan's, e.g. 4,8: fewer passes)")
     p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
     p.add_argument("--out", default="scores.json")
@@ -217,7 +225,8 @@ def _add_core(sub) -> None:
     p = sub.add_parser("plan", help="allocate one bit width per layer under an average-bit budget")
     p.add_argument("scores", help="scores JSON from `lieq-export score`")
     p.add_argument("--avg-bits", type=float, required=True, help="average bits per decoder-linear weight (a cap)")
-    p.add_argument("--widths", default=None, help="comma-separated widths, e.g. 2,4 or 2,3,4 (default by --target)")
+    p.add_argument("--widths", type=widths_arg, default=None,
+                   help="comma-separated widths, e.g. 2,4 or 2,3,4 (default by --target)")
     p.add_argument("--target", choices=("pte", "onnx"), default=None,
                    help="pte: widths 4,8 and symmetric (XNNPACK); onnx: widths 2,4,8")
     p.add_argument("--allocator", choices=("lieq", "random", "reversed", "oracle", "uniform"), default="lieq",
@@ -263,7 +272,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     cfg = RunConfig(
         model=args.model, text=args.text, avg_bits=args.avg_bits,
-        widths=tuple(int(w) for w in args.widths.split(",")),
+        widths=args.widths,
         targets=tuple(args.targets.split(",")), scorer=args.scorer, method=args.method,
         group_size=args.group_size, seq_len=args.seq_len, calib_windows=args.calib, eval_windows=args.eval_windows,
         verify_tokens=args.verify_tokens, max_seq_len=args.max_seq_len, delta_ppl=args.delta_ppl,
@@ -285,7 +294,7 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="score, plan, quantize, export, verify and report in one go")
     _add_model_args(p)
     p.add_argument("--avg-bits", type=float, default=4.5, help="average bits per decoder-linear weight (default 4.5)")
-    p.add_argument("--widths", default="4,8", help="candidate widths (default 4,8; the paper's mode: 2,4)")
+    p.add_argument("--widths", type=widths_arg, default="4,8", help="candidate widths (default 4,8; the paper's mode: 2,4)")
     p.add_argument("--targets", default="pte,onnx")
     p.add_argument("--scorer", choices=("lieq", "qerror"), default="qerror")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
