@@ -2,10 +2,11 @@
 
 Calibration on State of the Union addresses from one range of years, evaluation on a
 disjoint range (512-token windows). For every budget: the LieQ plan, the qerror plan
-(measured at that budget's widths; `qerror_final` is its earlier normalization, kept for
-comparison), random plans (several seeds), the reversed ranking and the ΔPPL oracle, each
-quantized with the base quantizer(s) and compared with the float model (perplexity, KL,
-top-1).
+(measured at that budget's widths; `qerror_local` and `qerror_final` are its other
+normalizations, kept for comparison), random plans (several seeds), the reversed ranking
+and the ΔPPL oracle, each quantized with the base quantizer(s) and compared with the float
+model (perplexity, KL, top-1). The defaults these rows rely on were chosen on other years
+(choices.py), so the evaluation years stay held out.
 
     python benchmarks/quality.py                 # RTN, smollm2-135m
     python benchmarks/quality.py --methods rtn,gptq
@@ -36,6 +37,10 @@ from lieq_export.scoring import ALL_PROJECTIONS, QKV, ScoreConfig, delta_ppl, sc
 from lieq_export.text import load_text, split_windows, token_windows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# qerror's other normalizations (the default, "reader", gets the plain "qerror" rows)
+QERROR_OTHERS = {"qerror_local": "local", "qerror_final": "final"}
+ALLOCATORS = ("lieq", "qerror", *QERROR_OTHERS, "random", "reversed", "oracle")
+GAP_COLUMNS = ("lieq", "qerror", *QERROR_OTHERS)
 
 
 def budgets(n_layers: int):
@@ -87,14 +92,18 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="rtn", help="comma-separated base quantizers: rtn, gptq")
     ap.add_argument("--seeds", type=int, default=3, help="random allocations per budget")
     ap.add_argument("--projection-sets", default="qkv,all", help="LieQ variants to score: qkv, all")
-    ap.add_argument("--allocators", default="lieq,qerror,qerror_final,random,reversed,oracle",
+    ap.add_argument("--allocators", default=",".join(ALLOCATORS),
                     help="which allocators get rows")
     ap.add_argument("--labels", default=None, help="only these budget rows (';'-separated labels, e.g. '{3,4} 3.2;{3,4} 3.5')")
     ap.add_argument("--uniform", default="2,3,4,8", help="uniform widths to run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="quality")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a shared machine)")
+    ap.add_argument("--merge", default=None, help="combine the rows of finished runs (comma-separated JSON files, "
+                    "e.g. one per --methods run in parallel) into --name; scores and costs come from the first")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge([Path(p) for p in args.merge.split(",")], Path(args.out), args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -116,11 +125,12 @@ def main(argv=None) -> int:
     variants = score_variants(model, calib, log, args.projection_sets.split(","))
     lieq = variants["qkv/random_proj"]
     # qerror measures only the widths a plan may use: one score per width set
-    qerr, qerr_final = {}, {}
+    qerr, others = {}, {name: {} for name in QERROR_OTHERS}
     for widths in sorted({w for _, w, _ in budgets(layout.num_layers)}):
         qerr[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group), progress=False)
-        qerr_final[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group, normalize="final"),
-                                          progress=False)
+        for name, normalize in QERROR_OTHERS.items():
+            others[name][widths] = score_qerror(
+                model, calib, QErrorConfig(widths=widths, group_size=group, normalize=normalize), progress=False)
         log(f"scored qerror {widths} in {qerr[widths]['seconds']:.1f} s")
     qerr_all = score_qerror(model, calib, QErrorConfig(widths=(2, 3, 4, 8), group_size=group), progress=False)
     dppl = delta_ppl(model, calib)
@@ -150,8 +160,8 @@ def main(argv=None) -> int:
                            "seconds": v["seconds"]} for k, v in variants.items()},
             "qerror": {",".join(map(str, w)): {k: q[k] for k in ("scores", "damage", "seconds", "config")}
                        for w, q in [*qerr.items(), ((2, 3, 4, 8), qerr_all)]},
-            "qerror_final": {",".join(map(str, w)): {k: q[k] for k in ("scores", "damage", "seconds", "config")}
-                             for w, q in qerr_final.items()},
+            **{name: {",".join(map(str, w)): {k: q[k] for k in ("scores", "damage", "seconds", "config")}
+                      for w, q in by_widths.items()} for name, by_widths in others.items()},
             "delta_ppl": dppl,
             "spearman_vs_delta_ppl": rho,
             # qerror's cost quoted at the {3,4} width set (the budgets of the accuracy target)
@@ -201,7 +211,7 @@ def main(argv=None) -> int:
             for name, vec in rankings.items():
                 if name in allocators:
                     run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
-            for name, q in (("qerror", qerr[widths]), ("qerror_final", qerr_final[widths])):
+            for name, q in (("qerror", qerr[widths]), *((n, o[widths]) for n, o in others.items())):
                 if name in allocators:
                     run(method, label, widths, budget, name,
                         allocate(q["scores"], layer_params, widths, budget, damage=damage_table(q, widths)))
@@ -211,6 +221,30 @@ def main(argv=None) -> int:
 
     result = save(partial=False)
     plot(result, out_dir / f"{args.name}.png")
+    print(markdown(result))
+    return 0
+
+
+def merge(paths, out_dir: Path, name: str) -> int:
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    for p, r in zip(paths, runs):
+        if r.get("partial"):
+            raise SystemExit(f"{p} is a partial run; finish it before merging")
+    for p, r in zip(paths[1:], runs[1:]):
+        # The runs must share model, texts and (deterministic) scores, or their rows do not compare.
+        for key in ("model", "group_size", "calibration", "evaluation", "float_ppl"):
+            if r[key] != first[key]:
+                raise SystemExit(f"{p} differs from {paths[0]} in {key}: {r[key]!r} vs {first[key]!r}; cannot merge")
+        if r["delta_ppl"]["scores"] != first["delta_ppl"]["scores"] or r["qerror"].keys() != first["qerror"].keys() or any(
+                r["qerror"][k]["scores"] != first["qerror"][k]["scores"] for k in r["qerror"]):
+            raise SystemExit(f"{p} has other scores than {paths[0]}; cannot merge")
+    result = {**first, "rows": [row for r in runs for row in r["rows"]], "merged_from": [p.name for p in paths],
+              "total_s": max(r["total_s"] for r in runs)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(result))
+    plot(result, out_dir / f"{name}.png")
     print(markdown(result))
     return 0
 
@@ -228,7 +262,7 @@ def summarize(rows):
         sd = statistics.stdev(r["ppl"] for r in rs) if len(rs) > 1 else 0.0
         out.append({**rs[0], "allocator": f"random (n={len(rs)})", "ppl": mean("ppl"), "ppl_sd": sd,
                     "kl": mean("kl"), "top1": mean("top1"), "avg_grid_bits": mean("avg_grid_bits")})
-    order = {"uniform": 0, "lieq": 1, "qerror": 2, "qerror_final": 3, "random": 4, "reversed": 5, "oracle": 6}
+    order = {a: i for i, a in enumerate(("uniform", *ALLOCATORS))}
     return sorted(out, key=lambda r: (r["method"], r["budget"], r["label"], order.get(r["allocator"].split()[0], 9)))
 
 
@@ -261,10 +295,10 @@ def markdown(res) -> str:
     gaps = oracle_gaps(res["rows"])
     if gaps:
         lines += ["", "PPL relative to the ΔPPL oracle's plan at the same budget and base quantizer:", "",
-                  "| method | budget | lieq | qerror | qerror_final |", "|---|---|---|---|---|"]
+                  f"| method | budget | {' | '.join(GAP_COLUMNS)} |", "|---|---|" + "---|" * len(GAP_COLUMNS)]
         for (method, label), g in gaps.items():
-            cell = lambda a: f"{g[a]:+.2%}" if a in g else "-"  # noqa: E731
-            lines.append(f"| {method} | {label} | {cell('lieq')} | {cell('qerror')} | {cell('qerror_final')} |")
+            cells = " | ".join(f"{g[a]:+.2%}" if a in g else "-" for a in GAP_COLUMNS)
+            lines.append(f"| {method} | {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +307,7 @@ def oracle_gaps(rows) -> dict:
     by = {}
     for r in rows:
         by.setdefault((r["method"], r["label"]), {})[r["allocator"]] = r["ppl"]
-    return {k: {a: v[a] / v["oracle"] - 1 for a in ("lieq", "qerror", "qerror_final") if a in v}
+    return {k: {a: v[a] / v["oracle"] - 1 for a in GAP_COLUMNS if a in v}
             for k, v in by.items() if "oracle" in v}
 
 
@@ -287,7 +321,7 @@ def plot(res, path):
     methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, len(methods), figsize=(7 * len(methods), 5), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for alloc in ("uniform", "lieq", "qerror", "qerror_final", "random", "reversed", "oracle"):
+        for alloc in ("uniform", *ALLOCATORS):
             pts = sorted((r["avg_grid_bits"], r["ppl"], r.get("ppl_sd") or 0) for r in rows
                          if r["method"] == method and r["allocator"].split()[0] == alloc)
             if pts:

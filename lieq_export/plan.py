@@ -66,7 +66,8 @@ class BitPlan:
     symmetric: bool = False
     method: str = "rtn"
     # GPTQ visits columns by decreasing Hessian diagonal (with static group grids): on
-    # smollm2-135m 3-bit g64 this took PPL 21.8 -> 16.3. Ignored by RTN.
+    # smollm2-135m 3-bit g64 this took PPL 21.8 -> 16.3. Applies to group-wise widths
+    # only (8-bit is per channel and runs in natural order). Ignored by RTN.
     act_order: bool = True
     embed_bits: int | None = 8  # None: float32
     lm_head_bits: int | None = 8

@@ -5,18 +5,21 @@ what quantizing a layer does. This scorer measures exactly that, in one walk ove
 calibration tokens: for each decoder layer l and candidate width b, the layer is run
 once more with its seven linears rounded to b bits (the plan's grid), and
 
-    damage_l(b) = E‖layer_b(h) − layer(h)‖² / E‖layer(h)‖²
+    damage_l(b) = E‖γ ⊙ (layer_b(h) − layer(h))‖² / E‖γ ⊙ layer(h)‖²
 
-is the energy of the perturbation it adds to the residual stream, relative to the
-stream it is added to. The allocator minimizes Σ_l damage_l(b_l) under the budget.
+is the energy of the perturbation it adds to the residual stream as the next reader
+sees it: γ is the weight of the RMSNorm through which the next layer (or, after the
+last layer, the final norm) reads the stream. The allocator minimizes Σ_l damage_l(b_l)
+under the budget.
 
-Why relative to the layer's own output ("local") and not to the final stream: every
-later layer reads the stream through an RMSNorm, so what a perturbation does downstream
-scales with its size relative to the stream where it enters. The stream grows with
-depth, so absolute errors ("final") rank the last layers first and miss the early
-layers that removing-a-layer probing (ΔPPL) flags; on smollm2-135m {3,4} at 3.2 bits
-(RTN) that cost 15 % perplexity against the ΔPPL oracle, where "local" is within 0.3 %
-(benchmarks/results/quality.md).
+Why relative, and why through γ. Every later layer reads the stream through an RMSNorm,
+so what a perturbation does downstream scales with its size relative to the stream
+where it enters ("local"), not with its absolute size ("final": the stream grows with
+depth, so absolute errors rank the last layers first). And the stream's energy sits
+largely in a few massive-activation channels that the norm weights damp; measured
+without γ, the middle layers' damage looks negligible. The choice between "reader",
+"local" and "final" was made on validation text (SOTU 1971-1989), not on the evaluation
+text: benchmarks/results/choices.md.
 
 Cost: 1 + len(widths) passes of each layer over `error_tokens` tokens, plus rounding
 each layer's weights once per width; measuring only the plan's widths keeps it cheap.
@@ -38,21 +41,26 @@ from .scoring import SCORES_SCHEMA, ScoreError
 from .text import text_fingerprint
 
 
+NORMALIZE = ("reader", "local", "final")
+
+
 @dataclass(frozen=True)
 class QErrorConfig:
     widths: tuple[int, ...] = (2, 3, 4, 8)
     group_size: int | None = None  # default: the plan's default group size
     symmetric: bool = False
     error_tokens: int = 1024  # calibration tokens the layers are run on (whole windows)
-    normalize: str = "local"  # "local": by the layer's output energy; "final": by the final stream's
+    # "reader": through the next norm's weight, relative to the stream; "local": relative
+    # to the stream, unweighted; "final": relative to the final stream
+    normalize: str = "reader"
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(sorted(set(self.widths))))
         bad = [b for b in self.widths if b not in WIDTHS]
         if bad or not self.widths:
             raise ScoreError(f"qerror widths {bad} are not supported; use {WIDTHS}")
-        if self.normalize not in ("final", "local"):
-            raise ScoreError(f"normalize {self.normalize!r} is unknown; use 'local' or 'final'")
+        if self.normalize not in NORMALIZE:
+            raise ScoreError(f"normalize {self.normalize!r} is unknown; use one of {NORMALIZE}")
         if self.error_tokens < 1:
             raise ScoreError(f"error_tokens must be positive, got {self.error_tokens}")
 
@@ -65,9 +73,12 @@ def score_qerror(model, windows: torch.Tensor, cfg: QErrorConfig = QErrorConfig(
     rows = max(1, min(len(windows), -(-cfg.error_tokens // windows.shape[1])))
     windows = windows[:rows]
     h, kwargs = first_layer_inputs(model, windows)
+    layers = model.model.layers
     raw, local = [], []
-    for i, layer in enumerate(tqdm(model.model.layers, desc="score layers (qerror)", disable=not progress, leave=False)):
+    for i, layer in enumerate(tqdm(layers, desc="score layers (qerror)", disable=not progress, leave=False)):
         out = layer(h, **kwargs)
+        # the stream as its next reader weighs it (unweighted for "local" and "final")
+        gamma = _reader_weight(model, i) if cfg.normalize == "reader" else torch.ones(())
         linears = [layer.get_submodule(s.path.split(f"layers.{i}.")[1]) for s in layout.layers[i].linears]
         saved = [lin.weight.detach().clone() for lin in linears]
         per_width = {}
@@ -76,15 +87,15 @@ def score_qerror(model, windows: torch.Tensor, cfg: QErrorConfig = QErrorConfig(
                 for lin, w in zip(linears, saved):
                     g = w.shape[1] if b == 8 else group
                     lin.weight.copy_(quantize_rtn(w, b, g, cfg.symmetric).dequantize())
-                per_width[b] = (layer(h, **kwargs) - out).pow(2).sum(-1).mean().item()
+                per_width[b] = ((layer(h, **kwargs) - out) * gamma).pow(2).sum(-1).mean().item()
         finally:
             for lin, w in zip(linears, saved):
                 lin.weight.copy_(w)
         raw.append(per_width)
-        local.append(out.pow(2).sum(-1).mean().item())
+        local.append((out * gamma).pow(2).sum(-1).mean().item())
         h = out
     final = h.pow(2).sum(-1).mean().item()
-    norms = local if cfg.normalize == "local" else [final] * len(raw)
+    norms = [final] * len(raw) if cfg.normalize == "final" else local
     damage = [{b: e / n for b, e in d.items()} for d, n in zip(raw, norms)]
     lowest = cfg.widths[0]
     return {
@@ -101,6 +112,13 @@ def score_qerror(model, windows: torch.Tensor, cfg: QErrorConfig = QErrorConfig(
         "damage": [{str(b): v for b, v in d.items()} for d in damage],
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _reader_weight(model, i: int) -> torch.Tensor:
+    """Weight of the RMSNorm through which the stream after layer i is read next."""
+    layers = model.model.layers
+    norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.model.norm
+    return norm.weight.detach().float()
 
 
 def damage_table(scores: dict, widths) -> list[dict[int, float]]:

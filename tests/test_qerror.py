@@ -39,7 +39,7 @@ def test_qerror_deterministic_monotone_and_one_pass(windows):
 
 def test_local_normalization_divides_by_the_layers_own_output(windows):
     m = tiny_model("llama", layers=3)
-    cfg = QErrorConfig(widths=(2,), group_size=32, error_tokens=128)
+    cfg = QErrorConfig(widths=(2,), group_size=32, error_tokens=128, normalize="local")
     local = score_qerror(m, windows, cfg, progress=False)["scores"]
     final = score_qerror(m, windows, QErrorConfig(widths=(2,), group_size=32, error_tokens=128, normalize="final"),
                          progress=False)["scores"]
@@ -47,6 +47,28 @@ def test_local_normalization_divides_by_the_layers_own_output(windows):
     ratios = [lo / fi for lo, fi in zip(local, final)]
     assert ratios[-1] == pytest.approx(1.0)
     assert len({round(r, 6) for r in ratios}) == 3
+
+
+def test_reader_normalization_weighs_the_stream_by_the_next_norm(windows):
+    m = tiny_model("llama", layers=3)
+
+    def scores(normalize):
+        cfg = QErrorConfig(widths=(2,), group_size=32, error_tokens=128, normalize=normalize)
+        return score_qerror(m, windows, cfg, progress=False)["scores"]
+
+    local, reader = scores("local"), scores("reader")
+    assert reader == pytest.approx(local)  # a fresh model's norm weights are all 1
+    with torch.no_grad():
+        m.model.layers[2].input_layernorm.weight.mul_(3)
+    # a uniform weight cancels in layer 1's ratio (layer 2 itself now computes otherwise)
+    assert scores("reader")[:2] == pytest.approx(reader[:2])
+    with torch.no_grad():
+        m.model.layers[2].input_layernorm.weight[::2] = 0
+    after_local, after = scores("local"), scores("reader")
+    # layer 1's output is unchanged (local equal), but its reader now ignores half the channels
+    assert after_local[1] == pytest.approx(local[1])
+    assert after[1] != pytest.approx(reader[1], rel=1e-3)
+    assert after[0] == pytest.approx(reader[0])
 
 
 def test_damaged_layer_scores_highest(windows):
