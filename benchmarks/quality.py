@@ -321,12 +321,14 @@ def plot(res, path):
     methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, len(methods), figsize=(7 * len(methods), 5), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for alloc in ("uniform", *ALLOCATORS):
+        for i, alloc in enumerate(("uniform", *ALLOCATORS)):
             pts = sorted((r["avg_grid_bits"], r["ppl"], r.get("ppl_sd") or 0) for r in rows
                          if r["method"] == method and r["allocator"].split()[0] == alloc)
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e if alloc == "random" else None, marker="o", label=alloc, capsize=3)
+                # one colour per allocator in every panel
+                ax.errorbar(x, y, yerr=e if alloc == "random" else None, marker="o", label=alloc, capsize=3,
+                            color=f"C{i}")
         ax.axhline(res["float_ppl"], color="k", ls="--", lw=1, label="float")
         ax.set_yscale("log")
         ax.set_xlabel("average grid bits (decoder linears)")

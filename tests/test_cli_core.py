@@ -73,7 +73,7 @@ def test_qerror_scores_drive_plan(model_dir, tmp_path, capsys):
         "--group-size", 32, "--widths", "2,3,4", "--out", tmp_path / "q.json")
     assert "scored 4 layers (qerror)" in capsys.readouterr().out
     scores = json.loads((tmp_path / "q.json").read_text())
-    assert scores["config"]["widths"] == [2, 3, 4] and scores["config"]["normalize"] == "local"
+    assert scores["config"]["widths"] == [2, 3, 4] and scores["config"]["normalize"] == "reader"
     assert set(scores["damage"][0]) == {"2", "3", "4"}
     run("plan", tmp_path / "q.json", "--widths", "2,3,4", "--avg-bits", 3.0, "--out", tmp_path / "p.json")
     plan = BitPlan.load(tmp_path / "p.json")
