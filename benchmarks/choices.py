@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import RESULTS, windows_for  # noqa: E402
+from quality import add_common_args, elapsed_log, windows_for  # noqa: E402
 
 from lieq_export.allocate import allocate, uniform_bits  # noqa: E402
 from lieq_export.evaluate import compare, perplexity, reference_logprobs  # noqa: E402
@@ -43,20 +43,14 @@ BUDGETS = (((3, 4), 3.2), ((3, 4), 3.5), ((2, 3, 4), 3.0))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib-years", default="1934-1970")
+    add_common_args(ap, gptq_calib=8)  # 8: as quality.py's last run
     ap.add_argument("--val-years", default="1971-1989")
-    ap.add_argument("--calib", type=int, default=4, help="scoring / ΔPPL windows, as quality.py")
-    ap.add_argument("--gptq-calib", type=int, default=8)
     ap.add_argument("--val-windows", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - t_start:7.1f}s] {m}", flush=True)  # noqa: E731
+    log = elapsed_log()
 
     model, tok = load_model(args.model)
     layout = describe(model)

@@ -80,15 +80,29 @@ def score_variants(model, calib, log, sets=("qkv", "all")):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap: argparse.ArgumentParser, gptq_calib: int) -> None:
+    """Model, calibration, threads and output: shared with choices.py, whose choices only
+    carry over if it calibrates as this benchmark does."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-years", default="1934-1970")
-    ap.add_argument("--eval-years", default="1990-2021")
     ap.add_argument("--calib", type=int, default=4, help="scoring / ΔPPL windows (default 4 x 512 tokens)")
-    ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ calibration windows")
-    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--gptq-calib", type=int, default=gptq_calib, help="GPTQ calibration windows")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a shared machine)")
+    ap.add_argument("--out", default=str(RESULTS))
+
+
+def elapsed_log():
+    """print() with the seconds since this call in front."""
+    t_start = time.perf_counter()
+    return lambda m: print(f"[{time.perf_counter() - t_start:7.1f}s] {m}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap, gptq_calib=16)
+    ap.add_argument("--eval-years", default="1990-2021")
+    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--methods", default="rtn", help="comma-separated base quantizers: rtn, gptq")
     ap.add_argument("--seeds", type=int, default=3, help="random allocations per budget")
     ap.add_argument("--projection-sets", default="qkv,all", help="LieQ variants to score: qkv, all")
@@ -96,9 +110,7 @@ def main(argv=None) -> int:
                     help="which allocators get rows")
     ap.add_argument("--labels", default=None, help="only these budget rows (';'-separated labels, e.g. '{3,4} 3.2;{3,4} 3.5')")
     ap.add_argument("--uniform", default="2,3,4,8", help="uniform widths to run")
-    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="quality")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a shared machine)")
     ap.add_argument("--merge", default=None, help="combine the rows of finished runs (comma-separated JSON files, "
                     "e.g. one per --methods run in parallel) into --name; scores and costs come from the first")
     args = ap.parse_args(argv)
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - t_start:7.1f}s] {m}", flush=True)  # noqa: E731
+    log = elapsed_log()
 
     model, tok = load_model(args.model)
     layout = describe(model)
