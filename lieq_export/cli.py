@@ -65,8 +65,9 @@ def cmd_score(args) -> int:
         from .qerror import QErrorConfig, score_qerror
 
         widths = args.widths or QErrorConfig.widths
+        measure = QErrorConfig.measure_widest if args.measure_widest is None else args.measure_widest
         scores = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=args.group_size,
-                                                         symmetric=args.symmetric))
+                                                         symmetric=args.symmetric, measure_widest=measure))
         columns = [("damage@" + b, [d[b] for d in scores["damage"]]) for b in scores["damage"][0]]
     else:
         cfg = ScoreConfig(
@@ -218,6 +219,10 @@ def _add_core(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="qerror: measure symmetric grids")
     p.add_argument("--widths", type=widths_arg, default=None,
                    help="qerror: widths to measure (default 2,3,4,8; give the plan's, e.g. 4,8: fewer passes)")
+    p.add_argument("--measure-widest", action=argparse.BooleanOptionalAction, default=None,
+                   help="qerror: run the widest width too (the default); --no-measure-widest extrapolates it from "
+                        "the next narrower one: one layer pass fewer, plans a little further from the ΔPPL oracle's "
+                        "(benchmarks/results/choices_widest.md)")
     p.add_argument("--delta-ppl", action="store_true", help="also probe ΔPPL with each layer removed (L+1 passes)")
     p.add_argument("--out", default="scores.json")
     p.set_defaults(func=cmd_score)

@@ -122,18 +122,20 @@ def run_pipeline(cfg: RunConfig, out_dir, progress: bool = True) -> dict:
     # One plan serves every target, so the bundles compute the same function; XNNPACK
     # stores only symmetric 4/8-bit weights, so a plan that goes to .pte is symmetric.
     symmetric = "pte" in cfg.targets
-    # only qerror measures the plan's grid, and only at the plan's widths
-    grid = (group, symmetric, cfg.plan_widths) if cfg.scorer == "qerror" else None
-    score_key = _key("score", model_fp, text_fingerprint(score_win), cfg.scorer, grid, cfg.delta_ppl)
+    # only qerror measures the plan's grid, and only at the plan's widths; the key holds the
+    # whole scorer config, so a changed scorer default does not reuse an older folder's scores
+    from .qerror import QErrorConfig
+
+    qcfg = QErrorConfig(widths=cfg.plan_widths, group_size=group, symmetric=symmetric) if cfg.scorer == "qerror" else None
+    score_key = _key("score", model_fp, text_fingerprint(score_win), cfg.scorer, qcfg, cfg.delta_ppl)
 
     def build_scores(tmp: Path):
         from .scoring import delta_ppl, save_scores, score_layers, spearman
 
-        if cfg.scorer == "qerror":
-            from .qerror import QErrorConfig, score_qerror
+        if qcfg is not None:
+            from .qerror import score_qerror
 
-            s = score_qerror(model, score_win, QErrorConfig(widths=cfg.plan_widths, group_size=group,
-                                                            symmetric=symmetric), progress=progress)
+            s = score_qerror(model, score_win, qcfg, progress=progress)
         else:
             s = score_layers(model, score_win, progress=progress)
         if cfg.delta_ppl:

@@ -141,6 +141,18 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     return q.clamp(lo, hi)
 
 
+def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
+    """quantize_rtn(...).dequantize(), bit for bit, without building the codes: for scorers
+    that round every layer at several widths and only need the rounded weight."""
+    check_group_size(weight.shape[-1], group_size)
+    groups = weight.detach().float().reshape(-1, group_size)
+    scale, zp = grid_params(groups, bits, symmetric)
+    q = round_to_grid(groups, scale, zp, bits)
+    if zp is not None:
+        q = q - zp[:, None]  # small integers in float32: exact, as the int16 path is
+    return (q * scale[:, None]).reshape(weight.shape)
+
+
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedWeight:
     """Round-to-nearest, one scale (and zero point) per `group_size` consecutive inputs."""
     if weight.dim() != 2:

@@ -78,6 +78,12 @@ def test_qerror_scores_drive_plan(model_dir, tmp_path, capsys):
     run("plan", tmp_path / "q.json", "--widths", "2,3,4", "--avg-bits", 3.0, "--out", tmp_path / "p.json")
     plan = BitPlan.load(tmp_path / "p.json")
     assert sum(plan.layer_bits) / 4 <= 3.0
+    # the widest width's damage can be extrapolated instead of measured
+    run("score", model_dir, "--text", model_dir / "text.txt", "--seq-len", 64, "--calib", 2,
+        "--group-size", 32, "--widths", "2,3,4", "--no-measure-widest", "--out", tmp_path / "q2.json")
+    cheap = json.loads((tmp_path / "q2.json").read_text())
+    assert cheap["config"]["measure_widest"] is False and set(cheap["damage"][0]) == {"2", "3"}
+    assert cheap["damage"][0]["3"] == scores["damage"][0]["3"]
 
 
 def test_plan_errors(model_dir, tmp_path, capsys):

@@ -20,7 +20,10 @@ def test_qerror_deterministic_monotone_and_one_pass(windows):
     for i, layer in enumerate(m.model.layers):
         layer.register_forward_pre_hook(lambda *a, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
     cfg = QErrorConfig(widths=(2, 4), group_size=32, error_tokens=64)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
     a = score_qerror(m, windows, cfg, progress=False)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the rounded weights were only borrowed
     # One model-level call captures layer-0 inputs (stopped at layer 0); each layer then runs
     # once in float and once per width: one calibration pass plus one per candidate width.
     assert calls["model"] == 1
@@ -35,6 +38,25 @@ def test_qerror_deterministic_monotone_and_one_pass(windows):
     other[1:] = (other[1:] + 1) % 256
     assert score_qerror(m, other, cfg, progress=False)["damage"] == a["damage"]
     assert a["windows"] == [1, 64]
+
+
+def test_widest_width_extrapolated_costs_one_pass_less(windows):
+    m = tiny_model("llama", layers=3)
+    layer_calls = [0] * 3
+    for i, layer in enumerate(m.model.layers):
+        layer.register_forward_pre_hook(lambda *a, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
+    measured = score_qerror(m, windows, QErrorConfig(widths=(2, 3, 4), group_size=32, error_tokens=64), progress=False)
+    layer_calls[:] = [0] * 3
+    cfg = QErrorConfig(widths=(2, 3, 4), group_size=32, error_tokens=64, measure_widest=False)
+    s = score_qerror(m, windows, cfg, progress=False)
+    assert layer_calls == [1 + 1 + 2, 1 + 2, 1 + 2]  # float + 2 and 3 bits; 4 bits not run
+    assert s["config"]["measure_widest"] is False
+    assert [set(d) for d in s["damage"]] == [{"2", "3"}] * 3
+    assert [{b: d[b] for b in ("2", "3")} for d in measured["damage"]] == s["damage"]
+    table = damage_table(s, (2, 3, 4))
+    assert [t[4] for t in table] == pytest.approx([d["3"] / 4 for d in s["damage"]])
+    # one width: nothing to extrapolate from, so it is measured
+    assert QErrorConfig(widths=(4,), measure_widest=False).measured_widths == (4,)
 
 
 def test_local_normalization_divides_by_the_layers_own_output(windows):

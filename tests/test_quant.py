@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lieq_export.quant import QuantizationError, QuantizedWeight, code_range, quantize_rtn
+from lieq_export.quant import QuantizationError, QuantizedWeight, code_range, quantize_rtn, rtn_dequantized
 
 
 @st.composite
@@ -40,6 +40,14 @@ def test_rtn_codes_in_range_and_error_within_half_step(wg, bits, symmetric):
     assert torch.equal(q.scales, q.scales.to(torch.bfloat16).float())
 
 
+@settings(max_examples=80, deadline=None)
+@given(weights(), st.sampled_from([2, 3, 4, 8]), st.booleans())
+def test_rtn_dequantized_is_the_dequantized_codes_bit_for_bit(wg, bits, symmetric):
+    # qerror scores with the shortcut; plans must not depend on which path rounded
+    w, group = wg
+    assert torch.equal(rtn_dequantized(w, bits, group, symmetric), quantize_rtn(w, bits, group, symmetric).dequantize())
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_low_bit_centered_codes_fit_int4(bits):
     w = torch.randn(16, 64) + 0.3
@@ -59,6 +67,8 @@ def test_more_bits_less_error():
 def test_group_size_must_divide_input_width():
     with pytest.raises(QuantizationError, match="group_size 64 does not divide the input width 96"):
         quantize_rtn(torch.randn(4, 96), 4, 64)
+    with pytest.raises(QuantizationError, match="group_size 64 does not divide the input width 96"):
+        rtn_dequantized(torch.randn(4, 96), 4, 64)  # 384 values would reshape into 6 groups of 64
 
 
 def test_unsupported_width_rejected():
