@@ -3,7 +3,8 @@
 Calibration on State of the Union addresses from one range of years, evaluation on a
 disjoint range (512-token windows). For every budget: the LieQ plan, the qerror plan
 (measured at that budget's widths; `qerror_local` and `qerror_final` are its other
-normalizations, kept for comparison), random plans (several seeds), the reversed ranking
+normalizations, `qerror_measured` / `qerror_extrapolated` its non-default treatment of the
+widest width, kept for comparison), random plans (several seeds), the reversed ranking
 and the ΔPPL oracle, each quantized with the base quantizer(s) and compared with the float
 model (perplexity, KL, top-1). The defaults these rows rely on were chosen on other years
 (choices.py), so the evaluation years stay held out.
@@ -37,8 +38,13 @@ from lieq_export.scoring import ALL_PROJECTIONS, QKV, ScoreConfig, delta_ppl, sc
 from lieq_export.text import load_text, split_windows, token_windows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# qerror's other normalizations (the default, "reader", gets the plain "qerror" rows)
-QERROR_OTHERS = {"qerror_local": "local", "qerror_final": "final"}
+# qerror's non-default settings, as QErrorConfig overrides (the defaults get the plain "qerror" rows)
+QERROR_OTHERS = {
+    "qerror_local": {"normalize": "local"},
+    "qerror_final": {"normalize": "final"},
+    **({"qerror_extrapolated": {"measure_widest": False}} if QErrorConfig.measure_widest
+       else {"qerror_measured": {"measure_widest": True}}),
+}
 ALLOCATORS = ("lieq", "qerror", *QERROR_OTHERS, "random", "reversed", "oracle")
 GAP_COLUMNS = ("lieq", "qerror", *QERROR_OTHERS)
 
@@ -80,6 +86,34 @@ def score_variants(model, calib, log, sets=("qkv", "all")):
     return out
 
 
+def score_qerror_variants(model, calib, group: int, width_sets, log):
+    """qerror with its defaults and with each of QERROR_OTHERS, per width set (it measures only
+    the widths a plan may use): ({widths: scores}, {name: {widths: scores}})."""
+    qerr, others = {}, {name: {} for name in QERROR_OTHERS}
+    for widths in width_sets:
+        qerr[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group), progress=False)
+        for name, overrides in QERROR_OTHERS.items():
+            others[name][widths] = score_qerror(
+                model, calib, QErrorConfig(widths=widths, group_size=group, **overrides), progress=False)
+        log(f"scored qerror {widths} in {qerr[widths]['seconds']:.1f} s")
+    return qerr, others
+
+
+def plans(widths, budget, layer_params, lieq, qerr, others, dppl, allocators, seeds: int):
+    """(allocator, seed, bits) of each requested allocator's plan at one budget."""
+    rankings = {"lieq": lieq["scores"], "reversed": baseline_scores("reversed", lieq["scores"]),
+                "oracle": dppl["scores"]}
+    for name, vec in rankings.items():
+        if name in allocators:
+            yield name, None, allocate(vec, layer_params, widths, budget)
+    for name, q in (("qerror", qerr[widths]), *((n, o[widths]) for n, o in others.items())):
+        if name in allocators:
+            yield name, None, allocate(q["scores"], layer_params, widths, budget, damage=damage_table(q, widths))
+    for seed in range(seeds if "random" in allocators else 0):
+        vec = baseline_scores("random", n_layers=len(layer_params), seed=seed)
+        yield "random", seed, allocate(vec, layer_params, widths, budget)
+
+
 def add_common_args(ap: argparse.ArgumentParser, gptq_calib: int) -> None:
     """Model, calibration, threads and output: shared with choices.py, whose choices only
     carry over if it calibrates as this benchmark does."""
@@ -90,6 +124,16 @@ def add_common_args(ap: argparse.ArgumentParser, gptq_calib: int) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a shared machine)")
     ap.add_argument("--out", default=str(RESULTS))
+
+
+def load_common(args):
+    """(model, tokenizer, layout, group size, calibration windows) as add_common_args describes them."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    layout = describe(model)
+    calib = windows_for(tok, args.calib_years, max(args.calib, args.gptq_calib), args.seq_len, "front")
+    return model, tok, layout, default_group_size(layout), calib
 
 
 def elapsed_log():
@@ -116,19 +160,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         return merge([Path(p) for p in args.merge.split(",")], Path(args.out), args.name)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log = elapsed_log()
 
-    model, tok = load_model(args.model)
-    layout = describe(model)
-    group = default_group_size(layout)
-    n_calib = max(args.calib, args.gptq_calib)
-    calib_all = windows_for(tok, args.calib_years, n_calib, args.seq_len, "front")
+    model, tok, layout, group, calib_all = load_common(args)
     calib = calib_all[: args.calib]
     evals = windows_for(tok, args.eval_years, args.eval_windows, args.seq_len, "back")
     log(f"{layout.architecture}, {layout.num_layers} layers, group {group}; calibration {tuple(calib_all.shape)} "
@@ -136,14 +173,7 @@ def main(argv=None) -> int:
 
     variants = score_variants(model, calib, log, args.projection_sets.split(","))
     lieq = variants["qkv/random_proj"]
-    # qerror measures only the widths a plan may use: one score per width set
-    qerr, others = {}, {name: {} for name in QERROR_OTHERS}
-    for widths in sorted({w for _, w, _ in budgets(layout.num_layers)}):
-        qerr[widths] = score_qerror(model, calib, QErrorConfig(widths=widths, group_size=group), progress=False)
-        for name, normalize in QERROR_OTHERS.items():
-            others[name][widths] = score_qerror(
-                model, calib, QErrorConfig(widths=widths, group_size=group, normalize=normalize), progress=False)
-        log(f"scored qerror {widths} in {qerr[widths]['seconds']:.1f} s")
+    qerr, others = score_qerror_variants(model, calib, group, sorted({w for _, w, _ in budgets(layout.num_layers)}), log)
     qerr_all = score_qerror(model, calib, QErrorConfig(widths=(2, 3, 4, 8), group_size=group), progress=False)
     dppl = delta_ppl(model, calib)
     log(f"ΔPPL probing ({layout.num_layers + 1} passes) in {dppl['seconds']:.1f} s")
@@ -179,6 +209,8 @@ def main(argv=None) -> int:
             # qerror's cost quoted at the {3,4} width set (the budgets of the accuracy target)
             "cost": {"lieq_score_s": lieq["seconds"], "qerror_score_s": qerr[(3, 4)]["seconds"],
                      "qerror_score_s_by_widths": {",".join(map(str, w)): q["seconds"] for w, q in qerr.items()},
+                     **{f"{name}_score_s": o[(3, 4)]["seconds"] for name, o in others.items()},
+                     "qerror_measure_widest": QErrorConfig.measure_widest,
                      "delta_ppl_s": dppl["seconds"],
                      "delta_ppl_over_score": dppl["seconds"] / lieq["seconds"],
                      "qerror_over_lieq": qerr[(3, 4)]["seconds"] / lieq["seconds"],
@@ -215,21 +247,9 @@ def main(argv=None) -> int:
         for label, widths, budget in budgets(layout.num_layers):
             if labels is not None and label not in labels:
                 continue
-            rankings = {
-                "lieq": lieq["scores"],
-                "reversed": baseline_scores("reversed", lieq["scores"]),
-                "oracle": dppl["scores"],
-            }
-            for name, vec in rankings.items():
-                if name in allocators:
-                    run(method, label, widths, budget, name, allocate(vec, layer_params, widths, budget))
-            for name, q in (("qerror", qerr[widths]), *((n, o[widths]) for n, o in others.items())):
-                if name in allocators:
-                    run(method, label, widths, budget, name,
-                        allocate(q["scores"], layer_params, widths, budget, damage=damage_table(q, widths)))
-            for seed in range(args.seeds if "random" in allocators else 0):
-                vec = baseline_scores("random", n_layers=layout.num_layers, seed=seed)
-                run(method, label, widths, budget, "random", allocate(vec, layer_params, widths, budget), seed)
+            for allocator, seed, bits in plans(widths, budget, layer_params, lieq, qerr, others, dppl, allocators,
+                                               args.seeds):
+                run(method, label, widths, budget, allocator, bits, seed)
 
     result = save(partial=False)
     plot(result, out_dir / f"{args.name}.png")
@@ -301,7 +321,9 @@ def markdown(res) -> str:
               f"same tokens: {c['delta_ppl_over_score']:.1f}x the scoring time.",
               f"qerror scoring at widths {{3,4}} {c.get('qerror_score_s', float('nan')):.1f} s: "
               f"{c.get('qerror_over_lieq', float('nan')):.2f}x the LieQ proxy, "
-              f"1/{c.get('delta_ppl_over_qerror', float('nan')):.1f} of ΔPPL probing.", "",
+              f"1/{c.get('delta_ppl_over_qerror', float('nan')):.1f} of ΔPPL probing"
+              + "".join(f"; {name} {c[f'{name}_score_s']:.1f} s, 1/{c['delta_ppl_s'] / c[f'{name}_score_s']:.1f}"
+                        for name in ("qerror_measured", "qerror_extrapolated") if f"{name}_score_s" in c) + ".", "",
               "| score | Spearman ρ with ΔPPL |", "|---|---|"]
     lines += [f"| {k} | {v:+.3f} |" for k, v in res["spearman_vs_delta_ppl"].items()]
     gaps = oracle_gaps(res["rows"])

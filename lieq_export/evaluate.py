@@ -32,16 +32,18 @@ def reference_logprobs(reference, windows: torch.Tensor, progress: bool = True) 
 
 @torch.inference_mode()
 def compare(model, reference, windows: torch.Tensor, progress: bool = True) -> dict:
-    """PPL of `model`, and KL(reference || model) and top-1 agreement per token, averaged.
+    """PPL of `model`, and KL(reference || model) and top-1 agreement per token, averaged;
+    and each window's mean NLL.
 
     `reference` is a model or its `reference_logprobs` on the same windows.
     """
     if isinstance(reference, torch.nn.Module):
         reference = reference_logprobs(reference, windows, progress=False)
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, kl, agree, count, window_nll = 0.0, 0.0, 0, 0, []
     for w, ref_logp in tqdm(list(zip(windows, reference)), desc="evaluate", disable=not progress, leave=False):
         logp = F.log_softmax(_logits(model, w), -1)
-        nll += F.nll_loss(logp[:-1], w[1:], reduction="sum").item()
+        window_nll.append(F.nll_loss(logp[:-1], w[1:], reduction="sum").item())
+        nll += window_nll[-1]
         kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         count += w.numel()
@@ -49,4 +51,6 @@ def compare(model, reference, windows: torch.Tensor, progress: bool = True) -> d
         "ppl": math.exp(nll / (count - windows.shape[0])),
         "kl": kl / count,
         "top1": agree / count,
+        # per window, so that two models' PPL ratio gets a paired confidence interval
+        "window_nll": [x / (windows.shape[1] - 1) for x in window_nll],
     }

@@ -40,7 +40,12 @@ def test_more_bits_closer_to_float():
     kls = []
     for bits in (2, 4, 8):
         ref = fake_quantize(m, quantize_model(m, BitPlan.uniform(describe(m), bits, 32), progress=False))
-        kls.append(compare(ref, m, windows, progress=False)["kl"])
+        res = compare(ref, m, windows, progress=False)
+        kls.append(res["kl"])
+        # per-window mean NLLs: equal-length windows, so their mean is log PPL
+        assert len(res["window_nll"]) == 2
+        assert sum(res["window_nll"]) / 2 == pytest.approx(torch.tensor(res["ppl"]).log().item(), rel=1e-6)
+        assert res["window_nll"][0] != pytest.approx(res["window_nll"][1])
     assert kls[0] > kls[1] > kls[2] >= 0
     assert perplexity(m, windows, progress=False) > 1
 
