@@ -59,6 +59,11 @@ def check_budget(widths, budget: float) -> None:
         )
 
 
+def grid_group_size(bits: int, in_features: int, group_size: int) -> int:
+    """A plan's group size at `bits`: 8-bit tensors get one scale per output channel."""
+    return in_features if bits == 8 else group_size
+
+
 @dataclass(frozen=True)
 class BitPlan:
     layer_bits: tuple[int, ...]
@@ -95,7 +100,7 @@ class BitPlan:
         return cls((bits,) * layout.num_layers, group_size or default_group_size(layout), **kw)
 
     def group_size_for(self, bits: int, in_features: int) -> int:
-        return in_features if bits == 8 else self.group_size
+        return grid_group_size(bits, in_features, self.group_size)
 
     def validate(self, layout: ModelLayout) -> None:
         if len(self.layer_bits) != layout.num_layers:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .layerwise import first_layer_inputs
 from .models import describe, layout_to_dict, model_fingerprint
-from .plan import default_group_size
+from .plan import default_group_size, grid_group_size
 from .quant import WIDTHS, rtn_dequantized
 from .scoring import SCORES_SCHEMA, ScoreError
 from .text import text_fingerprint
@@ -96,7 +96,7 @@ def score_qerror(model, windows: torch.Tensor, cfg: QErrorConfig = QErrorConfig(
         for b in cfg.measured_widths:
             # functional_call swaps the rounded weights in for this call only: no copies, and
             # the model is untouched even if the call raises
-            rounded = {n: rtn_dequantized(w, b, w.shape[1] if b == 8 else group, cfg.symmetric)
+            rounded = {n: rtn_dequantized(w, b, grid_group_size(b, w.shape[1], group), cfg.symmetric)
                        for n, w in weights.items()}
             out_b = torch.func.functional_call(layer, rounded, (h,), kwargs)
             per_width[b] = ((out_b - out) * gamma).pow(2).sum(-1).mean().item()

@@ -141,13 +141,21 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     return q.clamp(lo, hi)
 
 
+def _rtn_groups(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """(codes [groups, group_size] as float, scale, zero point) of round-to-nearest."""
+    if weight.dim() != 2:
+        raise QuantizationError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    code_range(bits)
+    check_group_size(weight.shape[1], group_size)
+    groups = weight.detach().float().reshape(-1, group_size)
+    scale, zp = grid_params(groups, bits, symmetric)
+    return round_to_grid(groups, scale, zp, bits), scale, zp
+
+
 def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
     """quantize_rtn(...).dequantize(), bit for bit, without building the codes: for scorers
     that round every layer at several widths and only need the rounded weight."""
-    check_group_size(weight.shape[-1], group_size)
-    groups = weight.detach().float().reshape(-1, group_size)
-    scale, zp = grid_params(groups, bits, symmetric)
-    q = round_to_grid(groups, scale, zp, bits)
+    q, scale, zp = _rtn_groups(weight, bits, group_size, symmetric)
     if zp is not None:
         q = q - zp[:, None]  # small integers in float32: exact, as the int16 path is
     return (q * scale[:, None]).reshape(weight.shape)
@@ -155,14 +163,8 @@ def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, symmetric:
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedWeight:
     """Round-to-nearest, one scale (and zero point) per `group_size` consecutive inputs."""
-    if weight.dim() != 2:
-        raise QuantizationError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    code_range(bits)
+    codes, scale, zp = _rtn_groups(weight, bits, group_size, symmetric)
     out_f, in_f = weight.shape
-    check_group_size(in_f, group_size)
-    groups = weight.detach().float().reshape(-1, group_size)
-    scale, zp = grid_params(groups, bits, symmetric)
-    codes = round_to_grid(groups, scale, zp, bits)
     n_groups = in_f // group_size
     return QuantizedWeight(
         codes=codes.to(torch.int8).reshape(out_f, in_f),
