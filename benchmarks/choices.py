@@ -25,7 +25,6 @@ Writes benchmarks/results/choices.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import add_common_args, elapsed_log, load_common, windows_for  # noqa: E402
+from quality import add_common_args, elapsed_log, load_common, windows_for, write_results  # noqa: E402
 
 from lieq_export.allocate import allocate, uniform_bits  # noqa: E402
 from lieq_export.evaluate import compare, perplexity, reference_logprobs  # noqa: E402
@@ -134,12 +133,7 @@ def main(argv=None) -> int:
               "sections": sections, "gptq_8bit": gptq8, "qerror": qerror, "widest": widest,
               "delta_ppl_s": dppl["seconds"], "torch_threads": torch.get_num_threads(),
               "total_s": time.perf_counter() - t_start}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(result))
-    plot(result, out / f"{args.name}.png")
-    print(markdown(result))
+    print(write_results(Path(args.out), args.name, result, markdown, plot))
     return 0
 
 

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import (  # noqa: E402
     QERROR_OTHERS, add_common_args, budgets, elapsed_log, load_common, plans, score_qerror_variants,
-    score_variants, windows_for,
+    score_variants, windows_for, write_results,
 )
 
 from lieq_export.evaluate import compare, reference_logprobs  # noqa: E402
+from lieq_export.io import atomic_write_text  # noqa: E402
 from lieq_export.plan import BitPlan  # noqa: E402
 from lieq_export.quantize import fake_quantize, quantize_model  # noqa: E402
 from lieq_export.scoring import delta_ppl  # noqa: E402
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
                                        "bits": list(bits), "ppl": m["ppl"], "window_nll": m["window_nll"]})
                 log(f"{method} {label} {allocator} {'' if seed is None else seed} PPL {m['ppl']:.3f}")
                 result["total_s"] = time.perf_counter() - t_start
-                (out / f"{args.name}.json").write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
+                atomic_write_text(out / f"{args.name}.json", json.dumps({**result, "partial": True}, indent=2) + "\n")
     return write(out, args.name, {**result, "partial": False}, args.boot)
 
 
@@ -126,11 +127,7 @@ def ratios(rows, n_boot: int, last: int = QUALITY_WINDOWS) -> list[dict]:
 def write(out: Path, name: str, res: dict, n_boot: int) -> int:
     res["ratios"] = ratios(res["rows"], n_boot)
     res["bootstrap_resamples"] = n_boot
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    (out / f"{name}.md").write_text(md)
-    plot(res, out / f"{name}.png")
-    print(md)
+    print(write_results(out, name, res, markdown, plot))
     return 0
 
 

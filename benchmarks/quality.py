@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lieq_export.allocate import allocate, baseline_scores, uniform_bits  # noqa: E402
 from lieq_export.evaluate import compare, perplexity, reference_logprobs  # noqa: E402
+from lieq_export.io import atomic_write_text  # noqa: E402
 from lieq_export.models import describe, load_model  # noqa: E402
 from lieq_export.plan import BitPlan, default_group_size  # noqa: E402
 from lieq_export.qerror import QErrorConfig, damage_table, score_qerror  # noqa: E402
@@ -136,6 +137,18 @@ def load_common(args):
     return model, tok, layout, default_group_size(layout), calib
 
 
+def write_results(out_dir: Path, name: str, result: dict, markdown, plot=None) -> str:
+    """NAME.json and NAME.md (and NAME.png with `plot`) under out_dir, each replaced whole;
+    returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    atomic_write_text(out_dir / f"{name}.md", md)
+    if plot is not None:
+        plot(result, out_dir / f"{name}.png")
+    return md
+
+
 def elapsed_log():
     """print() with the seconds since this call in front."""
     t_start = time.perf_counter()
@@ -219,9 +232,8 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(),
             "total_s": time.perf_counter() - t_start,
         }
-        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / f"{args.name}.md").write_text(markdown(result))
-        return result
+        # the plot only once the run is whole
+        return write_results(out_dir, args.name, result, markdown, None if partial else plot)
 
     def run(method, label, widths, budget, allocator, bits, seed=None):
         plan = BitPlan(bits, group, method=method, allocator=allocator, budget=budget)
@@ -251,9 +263,7 @@ def main(argv=None) -> int:
                                                args.seeds):
                 run(method, label, widths, budget, allocator, bits, seed)
 
-    result = save(partial=False)
-    plot(result, out_dir / f"{args.name}.png")
-    print(markdown(result))
+    print(save(partial=False))
     return 0
 
 
@@ -273,11 +283,7 @@ def merge(paths, out_dir: Path, name: str) -> int:
             raise SystemExit(f"{p} has other scores than {paths[0]}; cannot merge")
     result = {**first, "rows": [row for r in runs for row in r["rows"]], "merged_from": [p.name for p in paths],
               "total_s": max(r["total_s"] for r in runs)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown(result))
-    plot(result, out_dir / f"{name}.png")
-    print(markdown(result))
+    print(write_results(out_dir, name, result, markdown, plot))
     return 0
 
 
